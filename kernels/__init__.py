@@ -1,0 +1,7 @@
+"""gdn2_kernels: Gated DeltaNet-2 (gated delta rule with channel-wise erase and write gates).
+
+Depends only on torch and triton.
+"""
+from .gdn2 import chunk_gdn2, fused_recurrent_gdn2, naive_recurrent_gdn2
+
+__all__ = ["chunk_gdn2", "fused_recurrent_gdn2", "naive_recurrent_gdn2"]

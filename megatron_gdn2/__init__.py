@@ -1,0 +1,1 @@
+"""Megatron-Core integration of Gated DeltaNet-2: layers, specs, models, training, conversion."""
