@@ -1,13 +1,17 @@
 """Test session setup: runs before any test module imports torch extensions or triton."""
 import os
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
+    # Megatron's jit_fuser is torch.compile: ~13 s per process on CPU for no gain. On a GPU
+    # compilation stays on (FlexAttention needs it). Subprocesses inherit the variable.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch._dynamo.config as _dynamo_config
+
+    _dynamo_config.disable = True
     # Triton kernels run in the interpreter on machines without a GPU; it must be set before
     # any @triton.jit function is created.
     os.environ.setdefault("TRITON_INTERPRET", "1")

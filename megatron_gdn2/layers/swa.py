@@ -5,51 +5,57 @@ The SWA layer is Megatron-Core's SelfAttention (RoPE, grouped-query heads, TP an
 before it. Its core attention is chosen by `swa_core_attention(config)`:
 
     "te"     Transformer Engine's TEDotProductAttention (flash / fused kernels, packed sequences)
+    "flex"   FlexSlidingWindowAttention below: torch FlexAttention with a sliding-window block mask,
+             compiled on a GPU (block-sparse: the work and memory are O(T W))
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
     "local"  Megatron's DotProductAttention (materialises the [T, T] scores; CPU tests)
 
-`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "sdpa" on
-a GPU and "local" on CPU.
+`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
+a GPU and "local" on CPU. "flex" and "sdpa" run full causal attention (a window that covers the
+sequence) as one SDPA call with `is_causal=True` and no mask, which is the flash kernel on a GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-SWA_ATTENTION_IMPLS = ("te", "sdpa", "local")
+SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
 
 
-class BlockedSlidingWindowAttention(MegatronModule):
-    """Causal sliding-window attention by blocks of `window` queries.
+class SlidingWindowCoreAttention(MegatronModule):
+    """Causal sliding-window attention on Megatron's [s, b, heads, d] layout; subclasses compute
+    the windowed case (`_windowed`), this class the full causal one. Same constructor and call as
+    Megatron's DotProductAttention (the arguments it does not need are accepted for that reason)."""
 
-    A block of queries [s, s + W) needs keys [s - W + 1, s + W): SDPA runs on that [W, 2W - 1]
-    tile with a boolean band mask, so memory is O(T W); on a GPU, SDPA's memory-efficient kernel
-    does not materialise even the tile's scores. Same constructor and call as Megatron's
-    DotProductAttention (the arguments it does not need are accepted for that reason).
-    """
+    supports_dropout = True
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config)
+        name = type(self).__name__
         if config.context_parallel_size != 1:
-            raise ValueError("BlockedSlidingWindowAttention does not support context parallelism")
+            raise ValueError(f"{name} does not support context parallelism")
         if config.window_size is None or config.window_size[1] != 0 or config.window_size[0] < 0:
-            raise ValueError(f"BlockedSlidingWindowAttention needs a causal window_size (left, 0), got "
-                             f"{config.window_size}")
+            raise ValueError(f"{name} needs a causal window_size (left, 0), got {config.window_size}")
         self.window = config.window_size[0] + 1
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if self.dropout > 0 and not self.supports_dropout:
+            raise ValueError(f"{name} has no attention dropout, got attention_dropout={self.dropout}; "
+                             f"use swa_attention_impl='sdpa'")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads * d]. The mask
-        argument is ignored: the band mask is built here."""
+        argument is ignored: the window defines the mask."""
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences and attention bias in SWA layers need the "
                                       "Transformer Engine core attention (swa_attention_impl='te')")
@@ -57,24 +63,86 @@ class BlockedSlidingWindowAttention(MegatronModule):
         if key.shape[0] != seq_len:
             raise ValueError(f"sliding-window attention needs as many keys as queries, got {key.shape[0]} "
                              f"keys for {seq_len} queries")
-        per_group = heads // key.shape[2]
-        q = query.permute(1, 2, 0, 3)
-        k, v = (x.repeat_interleave(per_group, dim=2).permute(1, 2, 0, 3) for x in (key, value))
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         dropout = self.dropout if self.training else 0.0
-        positions = torch.arange(seq_len, device=query.device)
-        blocks = []
         # Dropout draws from the tensor-parallel RNG, as in Megatron's DotProductAttention.
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
-            for start in range(0, seq_len, self.window):
-                end = min(start + self.window, seq_len)
-                first_key = max(0, start - self.window + 1)
-                offset = positions[start:end, None] - positions[None, first_key:end]
-                band = (offset >= 0) & (offset < self.window)
-                blocks.append(F.scaled_dot_product_attention(
-                    q[:, :, start:end], k[:, :, first_key:end], v[:, :, first_key:end], attn_mask=band,
-                    dropout_p=dropout, scale=self.softmax_scale))
-        out = torch.cat(blocks, dim=2)
+            if seq_len <= self.window:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     scale=self.softmax_scale, enable_gqa=True)
+            else:
+                out = self._windowed(q, k, v, dropout)
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * head_dim)
+
+    def _windowed(self, q, k, v, dropout: float):
+        """q [b, heads, s, d], k/v [b, groups, s, d] with s > window -> [b, heads, s, d]."""
+        raise NotImplementedError
+
+
+class BlockedSlidingWindowAttention(SlidingWindowCoreAttention):
+    """Sliding-window attention by blocks of `window` queries: a block [s, s + W) needs keys
+    [s - W + 1, s + W), so SDPA runs on that [W, 2W - 1] tile with a boolean band mask and memory is
+    O(T W). The mask makes SDPA use its memory-efficient kernel on a GPU, not flash: the fallback
+    when FlexAttention is not available."""
+
+    def _windowed(self, q, k, v, dropout):
+        window, seq_len = self.window, q.shape[2]
+        # The memory-efficient kernel has no grouped-query support: expand the kv groups.
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        # The band of a full tile; the first tile (no keys before 0) and the last (cut at seq_len)
+        # are slices of it.
+        rows = torch.arange(window, device=q.device)
+        offset = rows[:, None] + window - 1 - torch.arange(2 * window - 1, device=q.device)
+        band = (offset >= 0) & (offset < window)
+        blocks = []
+        for start in range(0, seq_len, window):
+            end = min(start + window, seq_len)
+            first_key = max(0, start - window + 1)
+            skip = first_key - (start - window + 1)
+            blocks.append(F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, first_key:end], v[:, :, first_key:end],
+                attn_mask=band[:end - start, skip:skip + end - first_key], dropout_p=dropout,
+                scale=self.softmax_scale))
+        return torch.cat(blocks, dim=2)
+
+
+def sliding_window_mask_mod(window: int):
+    """FlexAttention mask_mod: query q sees key k when 0 <= q - k < window."""
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return mask_mod
+
+
+@functools.cache
+def _compiled(fn):
+    # dynamic=False: a training run repeats one shape, so each function compiles once per shape
+    # (and grad mode) and is reused; a dynamic graph would cost more and gain nothing. Every new
+    # sequence length is a new graph (after torch's recompile limit, 8, that shape runs eagerly).
+    return torch.compile(fn, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def sliding_window_block_mask(seq_len: int, window: int, device: torch.device) -> BlockMask:
+    """The block mask of a causal window over `seq_len` tokens, broadcast over batch and heads.
+    Cached, so every layer and step gets the same object: the compiled flex_attention guards on it
+    and never recompiles. On a GPU the mask construction is compiled too, so it never materialises
+    the [T, T] mask (eager create_block_mask does)."""
+    build = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
+    return build(sliding_window_mask_mod(window), None, None, seq_len, seq_len, device=device)
+
+
+class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
+    """Sliding-window attention with torch FlexAttention: a block-sparse kernel that visits only the
+    key blocks of each query block's window (compiled with torch.compile on a GPU; eager elsewhere,
+    where torch allows no backward on CPU). Grouped-query heads are native (`enable_gqa`).
+    FlexAttention has no attention dropout."""
+
+    supports_dropout = False
+
+    def _windowed(self, q, k, v, dropout):
+        block_mask = sliding_window_block_mask(q.shape[2], self.window, q.device)
+        attend = _compiled(flex_attention) if q.is_cuda else flex_attention
+        return attend(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=True)
 
 
 def swa_core_attention(config) -> type:
@@ -84,11 +152,12 @@ def swa_core_attention(config) -> type:
         if config.transformer_impl == "transformer_engine":
             impl = "te"
         else:
-            impl = "sdpa" if torch.cuda.is_available() else "local"
+            impl = "flex" if torch.cuda.is_available() else "local"
     if impl not in SWA_ATTENTION_IMPLS:
         raise ValueError(f"swa_attention_impl must be one of {SWA_ATTENTION_IMPLS} or None, got {impl!r}")
     if impl == "te":
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         return TEDotProductAttention
-    return BlockedSlidingWindowAttention if impl == "sdpa" else DotProductAttention
+    return {"flex": FlexSlidingWindowAttention, "sdpa": BlockedSlidingWindowAttention,
+            "local": DotProductAttention}[impl]

@@ -73,3 +73,14 @@ def train_step(model, vocab: int, seq_len: int, device="cpu") -> float:
         total += sum(out["lm loss"].double() for out in losses)
     dist.all_reduce(total, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
     return total.item()
+
+
+def flex_backward_on_cpu():
+    """Context in which FlexAttention runs its backward on CPU tensors. torch's public entry refuses
+    CPU backward (its compiled CPU kernel has none) but the eager implementation, the one used on
+    CPU with dynamo disabled, has a full autograd formula; the check is lifted only around calls."""
+    from unittest import mock
+
+    import torch.nn.attention.flex_attention as flex_module
+
+    return mock.patch.object(flex_module, "_validate_device", lambda query, key, value: None)

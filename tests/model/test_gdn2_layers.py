@@ -1,7 +1,8 @@
 """The GDN-2 mixer against layers computed independently here (token by token, fp64): the full
 GDN-2 layer, and with tied gates the plain KDA and Gated DeltaNet layers; packed sequences; the
-paper's initialisation; the blocked sliding-window attention against Megatron's local attention
-and full recomputation against none; parameter counts of the registry against instantiated models.
+paper's initialisation; the blocked SDPA and FlexAttention SWA paths against Megatron's local
+attention and full recomputation against none; parameter counts of the registry against
+instantiated models.
 
 Everything that needs Megatron's parallel state runs in one single-rank launch (module fixture).
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.harness import run_distributed
+from tests.model.helpers import flex_backward_on_cpu
 
 SEQ, BATCH = 24, 2
 L2NORM_EPS = 1e-6  # the kernels' q/k normalisation: x / sqrt(sum(x^2) + 1e-6)
@@ -226,9 +228,10 @@ def _loss_and_grads(model_cfg, tokens, state, **config_kwargs):
 
 
 def _model_path_checks(out):
-    """Blocked SDPA attention == Megatron's local attention (loss and every gradient), with a window
-    that does not divide the sequence; full activation recomputation changes nothing; a recurrent
-    model on packed sequences gives the logits of the separate sequences."""
+    """Blocked SDPA and FlexAttention == Megatron's local attention (loss and every gradient), with
+    a window that does not divide the sequence and with one that covers it (full causal attention);
+    full activation recomputation changes nothing; a recurrent model on packed sequences gives the
+    logits of the separate sequences."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_gdn2.configs import get_model_config
@@ -245,17 +248,21 @@ def _model_path_checks(out):
     separate = torch.cat([model(chunk, None, None) for chunk in tokens.split(lengths, dim=1)], dim=1)
     out["model_packed_vs_separate"] = _rel(packed, separate)
 
-    model_cfg = get_model_config("swa_gdn2_tiny", swa_window=5)
-    tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, model_cfg.seq_length + 1),
-                           generator=torch.Generator().manual_seed(5))
-    loss, grads, state = _loss_and_grads(model_cfg, tokens, None, swa_attention_impl="local")
-    for name, kwargs in (("sdpa", {"swa_attention_impl": "sdpa"}),
-                         # (the local attention's mask is allocated with device="cuda", which the CPU
-                         # patches do not rewrite inside a recomputing backward)
-                         ("recompute", {"swa_attention_impl": "sdpa", "recompute": "full"})):
-        other_loss, other_grads, _ = _loss_and_grads(model_cfg, tokens, state, **kwargs)
-        out[f"{name}_loss_diff"] = (other_loss - loss).abs().item()
-        out[f"{name}_grad_rel_diff"] = max(_rel(other_grads[n], grads[n]) for n in grads)
+    for window, variants in ((5, ("sdpa", "flex", "recompute")), (32, ("sdpa", "flex"))):
+        model_cfg = get_model_config("swa_gdn2_tiny", swa_window=window)
+        tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, model_cfg.seq_length + 1),
+                               generator=torch.Generator().manual_seed(5))
+        loss, grads, state = _loss_and_grads(model_cfg, tokens, None, swa_attention_impl="local")
+        for name in variants:
+            # (the local attention's mask is allocated with device="cuda", which the CPU patches do
+            # not rewrite inside a recomputing backward: recompute runs with the blocked SDPA path)
+            kwargs = {"swa_attention_impl": "sdpa", "recompute": "full"} if name == "recompute" else {
+                "swa_attention_impl": name}
+            with flex_backward_on_cpu():
+                other_loss, other_grads, _ = _loss_and_grads(model_cfg, tokens, state, **kwargs)
+            key = name if window < model_cfg.seq_length else f"{name}_full"
+            out[f"{key}_loss_diff"] = (other_loss - loss).abs().item()
+            out[f"{key}_grad_rel_diff"] = max(_rel(other_grads[n], grads[n]) for n in grads)
 
 
 def _count_checks(out):
@@ -321,8 +328,8 @@ def test_paper_initialisation(checks):
     assert all(0.97 < r <= 1.0 for r in checks["role_max_over_bound"]), checks["role_max_over_bound"]
 
 
-@pytest.mark.parametrize("variant", ["sdpa", "recompute"])
-def test_sdpa_attention_and_recompute_match_local_path(checks, variant):
+@pytest.mark.parametrize("variant", ["sdpa", "flex", "recompute", "sdpa_full", "flex_full"])
+def test_sdpa_flex_attention_and_recompute_match_local_path(checks, variant):
     assert checks[f"{variant}_loss_diff"] < 1e-6, checks[f"{variant}_loss_diff"]
     assert checks[f"{variant}_grad_rel_diff"] < 1e-5, checks[f"{variant}_grad_rel_diff"]
 
