@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call: install what the GPU image lacks (carried wheels in .whl/), run every GPU-marked
+# test, then the kernel benchmark and the training-throughput grid. Logs land in $OUT.
+# Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|train|all]...
+set -uo pipefail
+OUT=${OUT:-/tmp/gdn2_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "mcore", m.__version__)'
+
+status=0
+for step in "${@:-all}"; do
+    case "$step" in
+    tests | all)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+        status=$((status | PIPESTATUS[0])) ;;&
+    kernels | all)
+        python3 benchmarks/bench_gdn2.py 2>&1 | tee "$OUT/bench_gdn2.log" | tail -40
+        status=$((status | PIPESTATUS[0])) ;;&
+    train | all)
+        # shellcheck disable=SC2086
+        python3 benchmarks/train_throughput.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_throughput.log" | tail -60
+        status=$((status | PIPESTATUS[0])) ;;
+    esac
+done
+exit "$status"
