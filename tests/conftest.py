@@ -6,15 +6,16 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
+    # Triton kernels run in the interpreter on machines without a GPU; it must be set before
+    # any @triton.jit function is created, including triton's own (tl.zeros, tl.sum, ...), so
+    # before torch._dynamo imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     # Megatron's jit_fuser is torch.compile: ~13 s per process on CPU for no gain. On a GPU
     # compilation stays on (FlexAttention needs it). Subprocesses inherit the variable.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch._dynamo.config as _dynamo_config
 
     _dynamo_config.disable = True
-    # Triton kernels run in the interpreter on machines without a GPU; it must be set before
-    # any @triton.jit function is created.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton.runtime.autotuner as _autotuner
 
     # Autotuner benchmarks need a GPU driver: with no GPU every config reports 0 ms and the

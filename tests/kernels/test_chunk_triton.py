@@ -1,0 +1,117 @@
+"""Triton chunkwise GDN-2 kernels against the fp64 token-wise recurrence: output, final state and
+every gradient (q, k, v, g, b, w, initial_state). On CPU the kernels run in Triton's interpreter
+(fp32/fp16, tiny shapes); the `gpu` tests run the compiled kernels in fp32 and bf16."""
+import math
+
+import pytest
+import torch
+from gdn2_kernels.gdn2.chunk import chunk_gdn2_triton
+from gdn2_kernels.gdn2.naive import recurrent_gdn2
+
+from tests.kernels.gdn2_testing import make_inputs, rel_err
+
+
+def _run(fn, tensors, d_o, d_s, **kwargs):
+    """o, final state and the gradients of <o, d_o> + <S, d_s> w.r.t. every input."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
+    o, s = fn(*(leaves[n] for n in ("q", "k", "v", "g", "b", "w")), kwargs["scale"],
+              leaves.get("initial_state"), True, kwargs["l2norm"], kwargs["cu_seqlens"])
+    loss = (o.double() * d_o).sum() + (s.double() * d_s).sum()
+    loss.backward()
+    return o.detach(), s.detach(), {n: leaves[n].grad for n in leaves}
+
+
+def check_against_reference(batch, length, heads, key_dim, value_dim, dtype, device, tol, g_min=-1.0,
+                            with_state=True, l2norm=False, cu_seqlens=None, seed=0):
+    n_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    base = make_inputs(batch, length, heads, key_dim, value_dim, dtype=torch.float64, g_min=g_min,
+                       with_state=with_state, n_seq=n_seq, seed=seed, device=device)
+    test_in = {n: t.to(torch.float32 if n == "initial_state" else dtype) for n, t in base.items()}
+    # the reference sees the same (rounded) inputs, so only the kernels' error is measured
+    ref_in = {n: t.double() for n, t in test_in.items()}
+    kwargs = dict(scale=key_dim ** -0.5, l2norm=l2norm,
+                  cu_seqlens=None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device))
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_o = torch.randn(batch, length, heads, value_dim, generator=gen, dtype=torch.float64).to(device)
+    d_s = torch.randn(n_seq, heads, key_dim, value_dim, generator=gen, dtype=torch.float64).to(device)
+
+    o_ref, s_ref, g_ref = _run(recurrent_gdn2, ref_in, d_o, d_s, **kwargs)
+    o, s, grads = _run(chunk_gdn2_triton, test_in, d_o, d_s, **kwargs)
+
+    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
+    errors.update({f"d{n}": rel_err(grads[n], g_ref[n]) for n in grads})
+    for name, err in errors.items():
+        assert math.isfinite(err) and err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} ({errors})"
+    return errors
+
+
+# ---------------------------------------------------------------- CPU (Triton interpreter)
+
+@pytest.mark.parametrize(
+    "batch, length, heads, key_dim, value_dim, g_min, l2norm",
+    [
+        (2, 100, 1, 32, 16, -1.0, False),   # two chunks, T not a multiple of 64, K != V
+        (1, 70, 2, 16, 32, -20.0, True),    # strong decay (G reaches -1280 in a chunk), l2norm
+        (1, 64, 1, 64, 16, -0.1, False),    # exactly one chunk, two key slices
+    ],
+)
+def test_interpreter_fp32(batch, length, heads, key_dim, value_dim, g_min, l2norm):
+    check_against_reference(batch, length, heads, key_dim, value_dim, torch.float32, "cpu", 1e-5,
+                            g_min=g_min, l2norm=l2norm)
+
+
+def test_interpreter_packed_sequences_fp32():
+    check_against_reference(1, 90, 1, 16, 16, torch.float32, "cpu", 1e-5,
+                            cu_seqlens=[0, 5, 75, 90], seed=3)
+
+
+def test_interpreter_packed_equals_separate_runs():
+    """Packing sequences gives exactly what running each sequence alone gives."""
+    tensors = make_inputs(1, 80, 1, 16, 16, dtype=torch.float32, with_state=True, n_seq=2, seed=5)
+    args = [tensors[n] for n in ("q", "k", "v", "g", "b", "w")]
+    h0 = tensors["initial_state"]
+    o, s = chunk_gdn2_triton(*args, 0.25, h0, True, False, torch.tensor([0, 30, 80]))
+    for i, (start, end) in enumerate([(0, 30), (30, 80)]):
+        o_i, s_i = chunk_gdn2_triton(*(x[:, start:end].contiguous() for x in args), 0.25,
+                                     h0[i:i + 1].contiguous(), True, False, None)
+        assert rel_err(o[:, start:end], o_i) < 1e-6
+        assert rel_err(s[i:i + 1], s_i) < 1e-6
+
+
+def test_interpreter_fp16_without_initial_state():
+    check_against_reference(1, 80, 1, 16, 16, torch.float16, "cpu", 2e-2, with_state=False, seed=7)
+
+
+# ---------------------------------------------------------------- GPU
+
+# GPU shapes share K = V = 128 and the benchmark's flags, so that few kernel variants are compiled
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch, length, heads, cu_seqlens",
+    [(2, 1000, 4, None), (1, 900, 3, [0, 1, 65, 300, 301, 900])],
+)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+def test_gpu_against_reference(batch, length, heads, cu_seqlens, dtype, tol):
+    check_against_reference(batch, length, heads, 128, 128, dtype, "cuda", tol, g_min=-2.0,
+                            cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_strong_decay_long_sequence(dtype):
+    """g down to -20 per token over T = 16K: finite everywhere and equal to the fp32 recurrence."""
+    length = 16384
+    t = make_inputs(1, length, 1, 128, 128, dtype=torch.float32, g_min=-20.0, with_state=True, seed=11,
+                    device="cuda")
+    args = [t[n].to(dtype) for n in ("q", "k", "v", "g", "b", "w")]
+    leaves = [x.clone().requires_grad_() for x in args]
+    o, s = chunk_gdn2_triton(*leaves, 128 ** -0.5, t["initial_state"], True, False, None)
+    (o.float().square().mean() + s.square().mean()).backward()
+    for name, x in [("o", o), ("final_state", s)] + [(f"d{n}", x.grad) for n, x in zip("qkvgbw", leaves)]:
+        assert torch.isfinite(x).all(), f"{name} has inf/NaN"
+    with torch.no_grad():
+        o_ref, s_ref = recurrent_gdn2(*args, 128 ** -0.5, t["initial_state"], True, False, None,
+                                      compute_dtype=torch.float32)
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(s, s_ref) < tol
