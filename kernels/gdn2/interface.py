@@ -47,7 +47,7 @@ def _check_tensor(name, x):
         raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
 
 
-def _check_cu_seqlens(cu_seqlens, batch, length, device):
+def _check_cu_seqlens(cu_seqlens, batch, length, device, check_values):
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -60,6 +60,8 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs the packed sequences flattened to batch size 1, got B={batch}")
+    if not check_values:
+        return
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != length:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={length}, got {offsets[0]}..{offsets[-1]}")
@@ -69,8 +71,13 @@ def _check_cu_seqlens(cu_seqlens, batch, length, device):
 
 def validate_inputs(
     q, k, v, g, b, w, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+    check_values=True,
 ) -> GDN2Inputs:
-    """Raises ValueError naming the offending argument; returns the arguments with scale resolved."""
+    """Raises ValueError naming the offending argument; returns the arguments with scale resolved.
+
+    `check_values=False` skips the checks that read tensor contents (g <= 0, cu_seqlens offsets):
+    on a GPU each is a host-device sync, which a training step whose g is non-positive by
+    construction should not pay."""
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         _check_tensor(name, x)
     batch, length, heads, key_dim = q.shape
@@ -90,7 +97,7 @@ def validate_inputs(
             raise ValueError(f"{name} head dimension must be in [1, {MAX_HEAD_DIM}], got {dim}")
     if length == 0:
         raise ValueError("q must have at least one token (T = 0)")
-    if bool((g > 0).any()):
+    if check_values and bool((g > 0).any()):
         raise ValueError("g is a log-decay and must be <= 0 everywhere")
 
     if scale is None:
@@ -104,7 +111,7 @@ def validate_inputs(
 
     n_seq = batch
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, batch, length, q.device)
+        _check_cu_seqlens(cu_seqlens, batch, length, q.device, check_values)
         n_seq = cu_seqlens.numel() - 1
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or initial_state.dtype not in _FLOAT_DTYPES:
@@ -178,15 +185,17 @@ def chunk_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel Gated DeltaNet-2 for training and prefill; differentiable in q, k, v, g, b, w
     and initial_state.
 
     S_t = (I - k_t (b_t * k_t)^T) Diag(exp(g_t)) S_{t-1} + k_t (w_t * v_t)^T,  o_t = S_t^T (scale * q_t).
-    Returns (o in q's dtype, final state [N, H, K, V] in fp32 or None).
+    Returns (o in q's dtype, final state [N, H, K, V] in fp32 or None). `check_values=False` skips
+    the content checks that sync a GPU (see `validate_inputs`).
     """
     inputs = validate_inputs(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                             use_qk_l2norm_in_kernel, cu_seqlens)
+                             use_qk_l2norm_in_kernel, cu_seqlens, check_values)
     backend = _resolve_backend(backend, q.device)
     if backend == "torch":
         from .chunk_torch import chunk_gdn2_torch
@@ -210,13 +219,14 @@ def fused_recurrent_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token Gated DeltaNet-2 for decoding: forward only (no autograd), fp32 state.
 
     Same arguments and returns as `chunk_gdn2`.
     """
     inputs = validate_inputs(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                             use_qk_l2norm_in_kernel, cu_seqlens)
+                             use_qk_l2norm_in_kernel, cu_seqlens, check_values)
     backend = _resolve_backend(backend, q.device)
     with torch.no_grad():
         if backend == "torch":

@@ -287,7 +287,9 @@ class GatedDeltaNet2(MegatronModule):
         out, _ = gdn2_kernels.chunk_gdn2(
             q, k, v.reshape(value_heads), g, erase, write.reshape(value_heads), scale=None,
             initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=True,
-            cu_seqlens=cu_seqlens, backend=self.kernel_backend)
+            cu_seqlens=cu_seqlens, backend=self.kernel_backend,
+            # g <= 0 by construction and Megatron built cu_seqlens: no per-step GPU sync.
+            check_values=False)
 
         gate = self.gate_proj(hidden_states).transpose(0, 1).reshape(value_heads)
         out = self.out_norm(out, gate).reshape(batch, seq_len, vd)

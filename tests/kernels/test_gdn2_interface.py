@@ -126,3 +126,18 @@ def test_fla_backend_matches_reference():
     o_ref, s_ref = gk.naive_recurrent_gdn2(**tensors, **kwargs)
     assert (o - o_ref).abs().max() / o_ref.abs().max() < 1e-3
     assert (s - s_ref).abs().max() / s_ref.abs().max() < 1e-3
+
+
+def test_check_values_false_skips_only_content_checks():
+    """The training path opts out of the content checks (a GPU sync each); shape checks stay."""
+    from gdn2_kernels import chunk_gdn2
+
+    q = torch.randn(1, 8, 1, 4)
+    g = torch.rand(1, 8, 1, 4)  # positive: rejected only when contents are checked
+    with pytest.raises(ValueError, match="g is a log-decay"):
+        chunk_gdn2(q, q, q, g, q.sigmoid(), q.sigmoid(), backend="torch")
+    # Unchecked, a (short) positive g just runs: nothing read the contents.
+    out, _ = chunk_gdn2(q, q, q, g, q.sigmoid(), q.sigmoid(), backend="torch", check_values=False)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="k must have shape"):
+        chunk_gdn2(q, q[:, :4], q, -g, q.sigmoid(), q.sigmoid(), backend="torch", check_values=False)
