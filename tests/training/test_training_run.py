@@ -1,0 +1,90 @@
+"""A real pretraining run on real text, exact resume, and resume at other TP / PP / DP layouts.
+
+The reference run trains the tiny hybrid model (GDN-2 + SWA) for 2N steps with the distributed
+optimizer and checkpoints at step N. A second run stops at N (--exit-interval) and is resumed in a
+new process: its losses must equal the reference to 1e-6 (fp32 on CPU). The step-N checkpoint is
+then resumed at TP=2, PP=2 and DP=2 for a few steps: same data, same schedule, so the losses must
+match the reference up to the different reduction order.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megatron_gdn2.training.checkpointing import latest_iteration
+from tests.harness import run_distributed
+from tests.training.common import GLOBAL, SEQ, make_config, train, train_in_layouts
+
+N = 10
+LAYOUT_STEPS = 4  # steps run after resuming at another layout
+DROP = 1.5  # nats the validation loss must fall by in 2N steps (observed: ~2.4)
+
+
+def _config(corpus, save, **changes):
+    return make_config(corpus, save, iters=2 * N, parallel__use_distributed_optimizer=True,
+                       checkpoint__save_interval=N, logging__eval_interval=N, **changes)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    reference = _config(corpus, root / "reference").to_dict()
+    stopped = _config(corpus, root / "stopped", checkpoint__exit_interval=N).to_dict()
+    ref, first_half = run_distributed(train, world_size=1, args=([reference, stopped],))[0]
+    # a new process resumes the stopped run from its own checkpoint
+    continued = _config(corpus, root / "stopped").to_dict()
+    (resumed,) = run_distributed(train, world_size=1, args=([continued],))[0]
+    return {"root": root, "reference": ref, "first_half": first_half, "resumed": resumed}
+
+
+def test_validation_loss_falls_on_real_text(runs):
+    valid = runs["reference"]["valid"]
+    assert sorted(valid) == [0, N, 2 * N]
+    assert valid[0] == pytest.approx(math.log(32000), abs=0.2)  # untrained: uniform over the vocabulary
+    assert valid[0] > valid[N] > valid[2 * N]
+    assert valid[0] - valid[2 * N] >= DROP, valid
+    state = runs["reference"]["state"]
+    assert state["iteration"] == 2 * N
+    assert state["consumed_samples"] == 2 * N * GLOBAL and state["consumed_tokens"] == 2 * N * GLOBAL * SEQ
+    assert latest_iteration(runs["root"] / "reference") == 2 * N
+
+
+def test_exact_resume(runs):
+    ref, first, resumed = runs["reference"], runs["first_half"], runs["resumed"]
+    assert first["reason"] == "exit-interval" and first["state"]["iteration"] == N
+    assert sorted(first["train"]) == list(range(1, N + 1))
+    assert sorted(resumed["train"]) == list(range(N + 1, 2 * N + 1))
+    for it in range(1, N + 1):
+        assert first["train"][it] == pytest.approx(ref["train"][it], abs=1e-6), it
+    for it in range(N + 1, 2 * N + 1):
+        assert resumed["train"][it] == pytest.approx(ref["train"][it], abs=1e-6), it
+    assert resumed["valid"][2 * N] == pytest.approx(ref["valid"][2 * N], abs=1e-6)
+    assert resumed["state"] == ref["state"]
+
+
+# On 2 ranks: TP=2 with sequence parallelism, PP=2 with full activation recomputation, DP=2
+# (which reshards the distributed optimizer's state).
+LAYOUTS = {
+    "tp2-sp": (2, 1, {"parallel__sequence_parallel": True}),
+    "pp2-recompute": (1, 2, {"parallel__recompute": "full"}),
+    "dp2": (1, 1, {}),
+}
+
+
+def test_resume_at_another_layout(runs, corpus, tmp_path):
+    jobs = [(tp, pp, _config(corpus, tmp_path / name, parallel__tensor_model_parallel_size=tp,
+                             parallel__pipeline_model_parallel_size=pp,
+                             checkpoint__load=str(runs["root"] / "stopped"), checkpoint__load_iteration=N,
+                             checkpoint__exit_interval=N + LAYOUT_STEPS, **extra).to_dict())
+            for name, (tp, pp, extra) in LAYOUTS.items()]
+    per_rank = run_distributed(train_in_layouts, world_size=2, args=(jobs,))
+    ref = runs["reference"]
+    for rank, results in enumerate(per_rank):  # every rank reports the same global losses
+        for name, out in zip(LAYOUTS, results):
+            assert out["reason"] == "exit-interval", (name, rank)
+            assert sorted(out["train"]) == list(range(N + 1, N + LAYOUT_STEPS + 1)), (name, rank)
+            for it, loss in out["train"].items():
+                assert loss == pytest.approx(ref["train"][it], abs=2e-5), (name, rank, it)
+    for name in LAYOUTS:
+        assert latest_iteration(tmp_path / name) == N + LAYOUT_STEPS, name
