@@ -2,11 +2,14 @@
 # One device call: install what the GPU image lacks (carried wheels in .whl/), run every GPU-marked
 # test, then the kernel benchmark and the training-throughput grid. Logs land in $OUT.
 # Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|train|all]...
+# ../shared/data does not travel to the device: copy what the tests read into data_cache/shared
+# (gitignored; e.g. corpora/wikipedia_vital_summaries, eval, tokenizers/mistral_v1) and carry it.
 set -uo pipefail
 OUT=${OUT:-/tmp/gdn2_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+if [ -d data_cache/shared ]; then export GDN2_SHARED_DATA=$PWD/data_cache/shared; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -11,7 +11,7 @@ it into the HF config's (none for an export of a registered config).
 Directory layout is the training one (megatron_gdn2.training.checkpointing):
 `<out>/iter_0000000/` and `<out>/latest_checkpointed_iteration.txt`. The checkpoint holds weights
 only (no optimizer or RNG state, `weights_only: True` in its common state): continue with
-`gdn2-pretrain --load <out> --no-load-optim --no-load-rng ...`.
+`gdn2-pretrain --load <out> ...` (the loader skips the absent optimizer and RNG state).
 """
 from __future__ import annotations
 

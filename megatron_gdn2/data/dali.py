@@ -26,7 +26,7 @@ import torch
 
 from megatron_gdn2.data.datasets import BATCH_KEYS, MicroBatchSampler
 
-__all__ = ["dali_batches", "dali_package_for_torch"]
+__all__ = ["dali_batches", "dali_package_for_torch", "require_dali"]
 
 
 def dali_package_for_torch() -> tuple[str, str]:
@@ -35,6 +35,12 @@ def dali_package_for_torch() -> tuple[str, str]:
     if cuda is not None and int(cuda.split(".")[0]) >= 13:
         return "nvidia-dali-cuda130", "dali-cuda130"
     return "nvidia-dali-cuda120", "dali"
+
+
+def require_dali() -> None:
+    """Raises ImportError naming the extra to install when DALI is missing (checked before any
+    long work starts)."""
+    _import_dali()
 
 
 def _import_dali():

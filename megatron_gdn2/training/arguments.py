@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="98,2,0", help="train,valid,test split of --train-data")
     g.add_argument("--data-cache-dir", default=None, help="where Megatron writes dataset indices")
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--data-backend", choices=("torch", "dali"), default="torch",
+                   help="micro-batch loader: torch (default) or dali (same batches, needs the dali extra)")
     g.add_argument("--seq-length", type=_count("--seq-length"), default=None)
     g.add_argument("--kernel-backend", default=None, help="GDN-2 kernel backend (default: model's)")
 
@@ -215,7 +217,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
         data=DataSettings(
             train_data=list(args.train_data or []), valid_data=list(args.valid_data or []),
             split=args.split, tokenizer=args.tokenizer, num_workers=args.num_workers,
-            cache_dir=args.data_cache_dir,
+            cache_dir=args.data_cache_dir, backend=args.data_backend,
         ),
         optim=OptimizerSettings(
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,

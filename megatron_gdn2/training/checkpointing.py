@@ -285,7 +285,12 @@ def load_checkpoint(cfg: PretrainConfig, path: Path, model, optimizer, scheduler
     layout = _layout()
     same_mp = all(saved_layout[k] == layout[k]
                   for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
-    with_optimizer = not cfg.checkpoint.no_load_optim
+    # A checkpoint converted from Hugging Face holds weights only: nothing else to restore.
+    weights_only = bool(common.get("weights_only", False))
+    if weights_only:
+        log_rank0(f"{path} holds weights only (converted from Hugging Face): the optimizer and RNG "
+                  "states start afresh")
+    with_optimizer = not (cfg.checkpoint.no_load_optim or weights_only)
     saved = common["config"]
     saved_dist_opt = saved["parallel"]["use_distributed_optimizer"]
     if with_optimizer and saved_dist_opt != cfg.parallel.use_distributed_optimizer:
@@ -302,7 +307,7 @@ def load_checkpoint(cfg: PretrainConfig, path: Path, model, optimizer, scheduler
         _materialize_optimizer_state(optimizer)
     sharded = _sharded_state_dict(model, optimizer, is_loading=True,
                                   optim_format=optim_format if with_optimizer else None)
-    load_rng = same_mp and not cfg.checkpoint.no_load_rng
+    load_rng = same_mp and not (cfg.checkpoint.no_load_rng or weights_only)
     if load_rng:
         sharded["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(sharded, str(path))
@@ -314,7 +319,7 @@ def load_checkpoint(cfg: PretrainConfig, path: Path, model, optimizer, scheduler
         scheduler.load_state_dict(common["scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-    elif not cfg.checkpoint.no_load_rng:
+    elif not (cfg.checkpoint.no_load_rng or weights_only):
         log_rank0(f"checkpoint layout {saved_layout} differs from {layout}: RNG states not restored")
     state = TrainState(**common["train_state"])
     if not with_optimizer:

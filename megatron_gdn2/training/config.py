@@ -69,6 +69,8 @@ class DataSettings:
     tokenizer: str | None = None
     num_workers: int = 0
     cache_dir: str | None = None
+    # "torch" (a plain loader) or "dali" (the same samples through an NVIDIA DALI pipeline).
+    backend: str = "torch"
 
 
 @dataclass
@@ -224,6 +226,13 @@ class PretrainConfig:
             raise ConfigError(f"--keep-last must be >= 0 (got {c.keep_last})")
         if self.data.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0 (got {self.data.num_workers})")
+        if self.data.backend == "dali":
+            from megatron_gdn2.data.dali import require_dali
+
+            try:
+                require_dali()
+            except ImportError as err:
+                raise ConfigError(f"--data-backend dali: {err}") from err
         if not self.data.train_data:
             raise ConfigError("no training data: pass --train-data PREFIX (or --train_data_dir DIR)")
         for flag, blend in (("--train-data", self.data.train_data), ("--valid-data", self.data.valid_data)):

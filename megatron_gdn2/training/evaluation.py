@@ -29,7 +29,7 @@ def evaluate(cfg, model, dataset, *, num_microbatches: int, device: torch.device
     loader = build_data_loader(
         dataset, consumed_samples=0, micro_batch_size=cfg.micro_batch_size,
         data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=ps.get_data_parallel_world_size(),
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, backend=cfg.data.backend,
     )
     schedule = get_forward_backward_func()
     reports = []

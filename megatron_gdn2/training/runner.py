@@ -108,7 +108,7 @@ def _train(cfg: PretrainConfig, tokenizer, model_cfg, load_path) -> RunResult:
     train_loader = build_data_loader(
         train_ds, consumed_samples=state.consumed_samples, micro_batch_size=cfg.micro_batch_size,
         data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=ps.get_data_parallel_world_size(),
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, backend=cfg.data.backend,
     )
     model_config = dataclasses.asdict(model_cfg)
     wandb = WandbLogger.start(cfg.logging, config={**cfg.to_dict(), "model_config": model_config},

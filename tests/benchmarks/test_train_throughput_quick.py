@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
-SHARED = REPO.parent / "shared" / "data"
+SHARED = SHARED_DATA
 MODELS = ("swa_gdn2_tiny", "gdn2_tiny", "full_attn_tiny")
 SHAPES = ("32 x 8", "64 x 4", "128 x 2", "256 x 1")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.shared_data import SHARED_DATA
+
 WIKI = SHARED_DATA / "corpora" / "wikipedia_vital_summaries" / "enwiki_vital4_summaries.jsonl.gz"
 GUTENBERG_VAL = SHARED_DATA / "corpora" / "gutenberg" / "val_00.jsonl.gz"
 WIKITEXT = SHARED_DATA / "eval" / "wikitext2_raw_test.lf.txt"

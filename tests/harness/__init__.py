@@ -1,4 +1,4 @@
-"""Test-only machinery: CPU patches for Megatron-Core and a multi-rank gloo runner.
+"""Test-only machinery: a multi-rank gloo runner for Megatron-Core on CPU.
 
 Library code never imports from here.
 """

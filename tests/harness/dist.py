@@ -1,8 +1,8 @@
 """Run a function on N gloo ranks with Megatron-Core's parallel state set up (CPU tests).
 
 `run_distributed(fn, world_size, tp=2, pp=2)` spawns `world_size` processes (not daemonic:
-Megatron's checkpoint writer starts its own); each applies the CPU
-patches, joins a gloo process group, calls `parallel_state.initialize_model_parallel(tp, pp)` and
+Megatron's checkpoint writer starts its own); each enables Megatron-Core's CPU mode, joins a gloo
+process group, calls `parallel_state.initialize_model_parallel(tp, pp)` and
 `model_parallel_cuda_manual_seed(seed)`, then runs `fn(*args, **kwargs)`. `fn` must be a
 module-level function (spawned processes import it by name). The per-rank return values come back
 in rank order. A rank that raises makes the whole call raise `DistributedTestError` carrying that
@@ -33,9 +33,10 @@ def _worker(rank, world_size, init_file, tp, pp, seed, mp_kwargs, fn, args, kwar
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        from tests.harness.mcore_cpu import apply_cpu_patches
+        # The library's CPU runtime (it also serves the quickstart and CPU conversion jobs).
+        from megatron_gdn2.training.cpu_support import enable_megatron_on_cpu
 
-        apply_cpu_patches()
+        enable_megatron_on_cpu()
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -9,7 +9,7 @@
    TP=2 x PP=2); the rank is a one-process world, as `gdn2-convert from-hf` runs;
 2. in four gloo ranks (TP=2 x PP=2): load each TP=1 training checkpoint with the training code's
    load_checkpoint and save it again (a TP=2 x PP=2 checkpoint of the same weights); then load the
-   from-hf checkpoint (--no-load-optim --no-load-rng, as gdn2-pretrain would) into the same model
+   from-hf checkpoint (weights only: the loader skips optimizer and RNG state) into the same model
    and check that every local parameter equals the one loaded from the training checkpoint;
 3. to-hf of the TP=2 x PP=2 checkpoints, in this process.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.shared_data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "eval" / "wikitext2_raw_test.lf.txt"
 LAMBADA = SHARED_DATA / "eval" / "lambada_openai.jsonl"
 MISTRAL = SHARED_DATA / "tokenizers" / "mistral_v1" / "tokenizer.model"
@@ -116,7 +117,8 @@ def reshard_and_load_imported(directory: str) -> dict:
             for param in module.parameters():
                 param.zero_()
         imported = f"{directory}/{name}_imported"
-        fresh = _run_config(name, 2, 2, load=imported, fresh_start=True)
+        # No --no-load-optim/--no-load-rng: a weights-only (from-hf) checkpoint needs none.
+        fresh = _run_config(name, 2, 2, load=imported)
         load_checkpoint(fresh, checkpoint_path(imported, 0), module, optimizer, scheduler)
         loaded = module.state_dict()
         mismatched[name] = sorted(k for k, v in expected.items() if not torch.equal(v, loaded[k]))

@@ -1,14 +1,13 @@
 """The transformers GDN-2 model on its own: cache vs recomputation, padding, kernel vs plain PyTorch
 recurrence, Auto-class registration. Inputs are UTF-8 bytes of WikiText (a 256-token vocabulary)."""
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_gdn2.hf import GDN2Config, GDN2ForCausalLM, modeling_gdn2, register_auto_classes
+from tests.shared_data import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "eval" / "wikitext2_raw_test.lf.txt"
 HYBRID = ["linear_attention", "sliding_attention"] * 2
 RECURRENT = ["linear_attention"] * 3

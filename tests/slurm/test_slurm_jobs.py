@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
 LOCAL_SLURM = REPO / "tests" / "slurm" / "local_slurm.sh"
 PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
 PREPROCESS = REPO / "slurm" / "preprocess.sbatch"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.shared_data import SHARED_DATA
+
 WIKIPEDIA = SHARED_DATA / "corpora" / "wikipedia_vital_summaries" / "enwiki_vital4_summaries.jsonl.gz"
 TOKENIZER = SHARED_DATA / "tokenizers" / "mistral_v1" / "tokenizer.model"
 DOCUMENTS = 2000

@@ -8,7 +8,9 @@ match the reference up to the different reduction order.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 
@@ -88,3 +90,15 @@ def test_resume_at_another_layout(runs, corpus, tmp_path):
                 assert loss == pytest.approx(ref["train"][it], abs=2e-5), (name, rank, it)
     for name in LAYOUTS:
         assert latest_iteration(tmp_path / name) == N + LAYOUT_STEPS, name
+
+
+def test_dali_backend_trains_on_the_same_batches(runs, corpus, tmp_path):
+    """--data-backend dali feeds the unchanged dataset and sampler through DALI: the losses of the
+    first N steps equal the torch backend's reference run exactly."""
+    if importlib.util.find_spec("nvidia.dali") is None and not os.environ.get("CI"):
+        pytest.skip("NVIDIA DALI is not installed (pip install 'megatron-gdn2[dali]'); CI installs it")
+    cfg = _config(corpus, tmp_path / "dali", data__backend="dali", checkpoint__exit_interval=N)
+    ((out,),) = run_distributed(train, world_size=1, args=([cfg.to_dict()],))
+    assert sorted(out["train"]) == list(range(1, N + 1))
+    for it, loss in out["train"].items():
+        assert loss == runs["reference"]["train"][it], it
