@@ -87,7 +87,7 @@ from megatron_gdn2.training.cpu_support import enable_megatron_on_cpu
 from megatron_gdn2.training.distributed import device, init_distributed, set_seeds
 from megatron_gdn2.training.flops import peak_tflops, training_flops_per_token
 from megatron_gdn2.training.loop import Trainer
-from megatron_gdn2.training.metrics import ProgressMeter, memory_gb
+from megatron_gdn2.training.metrics import ProgressMeter, format_duration, memory_gb
 from megatron_gdn2.training.model_setup import build_model_bundle, padded_vocab_size
 from megatron_gdn2.training.optimizer import build_optimizer, build_scheduler
 from megatron_gdn2.training.pretrain import configure_logging
@@ -356,10 +356,6 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def fmt_duration(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def triton_cache_state() -> str:
     cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
     entries = sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
@@ -535,9 +531,9 @@ def run_jobs(jobs: list, configs: dict, args, peak: float | None, clock: dict, w
     results, notes, failed, grid_start = [], [], False, time.perf_counter()
     for index, (point, data) in enumerate(jobs):
         elapsed = time.perf_counter() - grid_start
-        eta = f" | ETA {fmt_duration(elapsed / index * (len(jobs) - index))}" if index else ""
+        eta = f" | ETA {format_duration(elapsed / index * (len(jobs) - index))}" if index else ""
         log(f"[{index + 1}/{len(jobs)}] {point.model} {point.label} {data} | "
-            f"elapsed {fmt_duration(elapsed)}{eta}")
+            f"elapsed {format_duration(elapsed)}{eta}")
         model_cfg = configs.get(point) or model_config(point.model, point.seq)
         result = describe(Result(point=point, data=data), model_cfg)
         results.append(result)
@@ -717,11 +713,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, key, value)
     if args.no_real_data:
         args.real_data = None
-    for flag in ("warmup", "corpus_docs", "profile_steps"):
+    for flag in ("warmup", "steps", "corpus_docs", "profile_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
     args.argv = argv
     return args
 

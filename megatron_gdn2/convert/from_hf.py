@@ -33,6 +33,7 @@ from megatron_gdn2.hf import GDN2Config
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+IMPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class HFWeights:
@@ -173,8 +174,10 @@ def import_from_hf(hf_dir: str | Path, out: str | Path, tensor_parallel: int = 1
     check_hf_weights(weights, model_cfg)
     if dtype == "auto":
         torch_dtype = weights.get("model.embed_tokens.weight").dtype
+    elif dtype in IMPORT_DTYPES:
+        torch_dtype = IMPORT_DTYPES[dtype]
     else:
-        torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        raise ConversionError(f"--dtype must be auto, {', '.join(IMPORT_DTYPES)}; got {dtype!r}")
 
     _init_single_process_megatron()
     megatron_model = build_megatron_model(model_cfg, torch_dtype)

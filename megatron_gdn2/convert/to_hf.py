@@ -53,6 +53,14 @@ def checkpoint_model_config(ckpt: MegatronCheckpoint, model: str | None) -> Mode
     return get_model_config(name)
 
 
+def checkpoint_tokenizer(ckpt: MegatronCheckpoint, tokenizer: str | Path | None) -> str | Path:
+    """`tokenizer` when given, else the tokenizer the training run recorded in the checkpoint."""
+    tokenizer = tokenizer or (ckpt.common.get("config") or {}).get("data", {}).get("tokenizer")
+    if tokenizer is None:
+        raise ConversionError(f"{ckpt.path} does not record its tokenizer; pass --tokenizer PATH")
+    return tokenizer
+
+
 def check_checkpoint_shapes(ckpt: MegatronCheckpoint, maps: list[TensorMap], model_cfg: ModelConfig) -> None:
     """Every tensor the model config needs is in the checkpoint, with the expected TP=1 shape."""
     problems = []
@@ -116,9 +124,7 @@ def export_to_hf(checkpoint: str | Path, out: str | Path, tokenizer: str | Path 
         torch_dtype = DTYPES[dtype]
     else:
         raise ConversionError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    tokenizer = tokenizer or (ckpt.common.get("config") or {}).get("data", {}).get("tokenizer")
-    if tokenizer is None:
-        raise ConversionError(f"{ckpt.path} does not record its tokenizer; pass --tokenizer PATH")
+    tokenizer = checkpoint_tokenizer(ckpt, tokenizer)
     hf_tok, source_tok = hf_tokenizer(tokenizer)
     if source_tok.vocab_size > model_cfg.vocab_size:
         raise ConversionError(f"--tokenizer {tokenizer} has {source_tok.vocab_size} tokens but model config "

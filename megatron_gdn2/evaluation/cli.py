@@ -49,8 +49,9 @@ def format_table(results: dict) -> str:
 
 
 def evaluate(args) -> dict:
-    if args.batch_size < 1 or args.seq_length < 1:
-        raise ValueError("--batch-size and --seq-length must be positive")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-length", args.seq_length)):
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     if not args.text and not args.lambada:
         raise ValueError("nothing to evaluate: both --text and --lambada are empty")
     for flag, path in (("--text", args.text), ("--lambada", args.lambada)):

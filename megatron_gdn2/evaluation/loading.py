@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from megatron_gdn2.convert.mapping import ConversionError, hf_config_for
 from megatron_gdn2.convert.megatron_checkpoint import MegatronCheckpoint
-from megatron_gdn2.convert.to_hf import checkpoint_model_config, iter_hf_state_dict
+from megatron_gdn2.convert.to_hf import checkpoint_model_config, checkpoint_tokenizer, iter_hf_state_dict
 from megatron_gdn2.convert.tokenizer import hf_tokenizer
 from megatron_gdn2.hf import GDN2ForCausalLM
 
@@ -36,10 +36,7 @@ def load_model(path: str | Path, *, tokenizer: str | None = None, model: str | N
 
     ckpt = MegatronCheckpoint(path)
     model_cfg = checkpoint_model_config(ckpt, model)
-    tokenizer = tokenizer or (ckpt.common.get("config") or {}).get("data", {}).get("tokenizer")
-    if tokenizer is None:
-        raise ConversionError(f"{ckpt.path} does not record its tokenizer; pass --tokenizer PATH")
-    tok, source = hf_tokenizer(tokenizer)
+    tok, source = hf_tokenizer(checkpoint_tokenizer(ckpt, tokenizer))
     config = hf_config_for(model_cfg, eos_token_id=source.eod, pad_token_id=source.eod)
     with torch.device("meta"):
         lm = GDN2ForCausalLM(config)

@@ -158,19 +158,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalized_fp32(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalized_fp32(x).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
     """RMSNorm over the last axis (one weight shared by all heads) times silu(gate), all in fp32."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+        return (self.normalized_fp32(x) * F.silu(gate.float())).to(x.dtype)
 
 
 class ShortConvolution(nn.Conv1d):

@@ -66,7 +66,6 @@ from megatron_gdn2.layers.sharding import own_parameters_sharded, split_by_role
 XAVIER_GAIN = 2**-2.5
 A_INIT_RANGE = (1.0, 16.0)
 DT_INIT_RANGE = (1e-3, 1e-1)
-DT_INIT_FLOOR = 1e-4
 
 
 @dataclass
@@ -244,7 +243,6 @@ class GatedDeltaNet2(MegatronModule):
             self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*A_INIT_RANGE).log())
             low, high = (math.log(x) for x in DT_INIT_RANGE)
             dt = torch.empty_like(self.dt_bias, dtype=torch.float32).uniform_(low, high).exp()
-            dt = dt.clamp(min=DT_INIT_FLOOR)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
             xavier_uniform_(self.out_proj.weight, self.value_dim, d)
         self.decay_proj.reset_parameters()

@@ -42,7 +42,8 @@ class SlidingWindowCoreAttention(MegatronModule):
         super().__init__(config)
         name = type(self).__name__
         if config.context_parallel_size != 1:
-            raise ValueError(f"{name} does not support context parallelism")
+            raise ValueError(f"{name} does not support context parallelism "
+                             f"(context_parallel_size={config.context_parallel_size})")
         if config.window_size is None or config.window_size[1] != 0 or config.window_size[0] < 0:
             raise ValueError(f"{name} needs a causal window_size (left, 0), got {config.window_size}")
         self.window = config.window_size[0] + 1

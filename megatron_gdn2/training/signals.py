@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 __all__ = ["PreemptionHandler"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -42,12 +39,6 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
-
-    def should_stop(self, device: torch.device) -> bool:
-        """Collective: True on every rank when any rank got a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     @property
     def name(self) -> str:

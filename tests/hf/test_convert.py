@@ -273,6 +273,9 @@ def test_from_hf_rejects_a_layout_the_model_cannot_split_into(converted, tmp_pat
         import_from_hf(converted.hf_dir("gdn2_tiny"), tmp_path / "out", tensor_parallel=3)
     with pytest.raises(ConversionError, match="--pipeline-model-parallel-size 3"):
         import_from_hf(converted.hf_dir("gdn2_tiny"), tmp_path / "out", pipeline_parallel=3)
+    with pytest.raises(ConversionError, match="--dtype must be auto, bf16, fp32; got 'fp16'"):
+        import_from_hf(converted.hf_dir("gdn2_tiny"), tmp_path / "out", dtype="fp16")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("tokenizer", [

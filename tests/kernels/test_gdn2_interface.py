@@ -1,6 +1,7 @@
 """Input checking and backend dispatch of the public functions: every bad input raises a ValueError
 that names the offending argument."""
 import importlib.util
+import re
 
 import gdn2_kernels as gk
 import pytest
@@ -65,7 +66,8 @@ BAD_INPUTS = {
 def test_bad_input_raises_value_error_naming_argument(case, fn):
     argument, corrupt = BAD_INPUTS[case]
     kwargs = corrupt(packed_inputs())
-    with pytest.raises(ValueError, match=argument):
+    # Anchored: a bare "g" or "b" would also match "got" or "bfloat16" in any other message.
+    with pytest.raises(ValueError, match=rf"^{re.escape(argument)}\b"):
         fn(**kwargs)
 
 

@@ -11,12 +11,17 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_gdn2.training.checkpointing import latest_iteration
 from tests.harness import run_distributed
 from tests.training.common import GLOBAL, SEQ, make_config, train, train_in_layouts
+
+REPO = Path(__file__).resolve().parents[2]
 
 N = 10
 LAYOUT_STEPS = 4  # steps run after resuming at another layout
@@ -102,3 +107,16 @@ def test_dali_backend_trains_on_the_same_batches(runs, corpus, tmp_path):
     assert sorted(out["train"]) == list(range(1, N + 1))
     for it, loss in out["train"].items():
         assert loss == runs["reference"]["train"][it], it
+
+
+def test_generate_reads_the_final_checkpoint(runs):
+    """The quickstart's last step: greedy text from a --save directory (its latest checkpoint)."""
+    prompt = "The French Revolution was"
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "megatron_gdn2.training.generate", "--load",
+                           str(runs["root"] / "reference"), "--prompt", prompt, "--max-new-tokens", "6"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"iteration {2 * N})" in done.stdout, done.stdout
+    text = done.stdout.split(f"--- prompt: {prompt!r}\n", 1)[1].strip()
+    assert text.startswith(prompt) and len(text) > len(prompt), text
