@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets over data-parallel ranks while backward runs")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation recomputation")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -212,6 +214,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
             pipeline_model_parallel_size=args.pp,
             sequence_parallel=args.sequence_parallel,
             use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce,
             recompute=None if args.recompute == "none" else args.recompute,
         ),
         data=DataSettings(

@@ -51,6 +51,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Start each gradient bucket's data-parallel reduction during the backward pass.
+    overlap_grad_reduce: bool = False
     # None, "selective" (attention core only) or "full" (whole layers, uniform chunks of 1)
     recompute: str | None = None
 

@@ -115,10 +115,14 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
     wrapped = Float16Module(tc, module) if bf16 else module
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=p.overlap_grad_reduce,
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
     model = DistributedDataParallel(tc, ddp_config, wrapped)
     tc.finalize_model_grads_func = finalize_model_grads
     tc.no_sync_func = model.no_sync
+    if p.overlap_grad_reduce and p.pipeline_model_parallel_size > 1:
+        # With pipelining, the schedule starts the reduction after the last micro-batch's
+        # backward of each stage, so stages reduce together instead of waiting on each other.
+        tc.grad_sync_func = model.start_grad_sync
     return ModelBundle(model=model, module=module, config=tc)

@@ -71,11 +71,13 @@ def test_exact_resume(runs):
 
 
 # On 2 ranks: TP=2 with sequence parallelism, PP=2 with full activation recomputation, DP=2
-# (which reshards the distributed optimizer's state).
+# (which reshards the distributed optimizer's state), with and without the gradient reduction
+# overlapped with the backward pass.
 LAYOUTS = {
     "tp2-sp": (2, 1, {"parallel__sequence_parallel": True}),
     "pp2-recompute": (1, 2, {"parallel__recompute": "full"}),
     "dp2": (1, 1, {}),
+    "dp2-overlap": (1, 1, {"parallel__overlap_grad_reduce": True}),
 }
 
 
