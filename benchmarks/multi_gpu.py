@@ -65,7 +65,6 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 import train_throughput as tt  # noqa: E402  (beside this file; data preparation and output)
 
 from megatron_gdn2.training.arguments import build_parser  # noqa: E402
-from tests.shared_data import SHARED_DATA  # noqa: E402
 
 CPU_BOUND = 1e-4
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
@@ -204,12 +203,11 @@ class Launcher:
 def data_flags(args, workdir: Path) -> list[str]:
     if args.train_data and not args.tokenizer:
         raise ValueError("--train-data needs --tokenizer (the tokenizer the data was preprocessed with)")
-    ns = argparse.Namespace(tokenizer=args.tokenizer or SHARED_DATA.parent / tt.TOKENIZER,
-                            data_prefix=args.train_data, corpus=args.corpus or SHARED_DATA.parent / tt.CORPUS,
+    ns = argparse.Namespace(tokenizer=args.tokenizer, data_prefix=args.train_data, corpus=args.corpus,
                             corpus_docs=args.corpus_docs)
     corpus = tt.prepare_corpus(ns, workdir)
     tt.log(f"data: {corpus.description}")
-    return ["--tokenizer", str(ns.tokenizer), "--train-data", corpus.prefix, "--split", "100,0,0",
+    return ["--tokenizer", str(corpus.tokenizer.path), "--train-data", corpus.prefix, "--split", "100,0,0",
             "--data-cache-dir", str(workdir / "index_cache"), "--eval-iters", "0"]
 
 

@@ -108,8 +108,8 @@ FULL = dict(models="swa_gdn2_1.3B,gdn2_1.3B,full_attn_1.3B", grid="2Kx8,4Kx4,8Kx
 QUICK = dict(models="swa_gdn2_tiny,gdn2_tiny,full_attn_tiny", grid="32x8,64x4,128x2,256x1",
              real_data="swa_gdn2_tiny:64x4", warmup=1, steps=2, corpus_docs=200,
              profile_point="swa_gdn2_tiny:64x4")
-CORPUS = Path("data/corpora/wikipedia_vital_summaries/enwiki_vital4_summaries.jsonl.gz")
-TOKENIZER = Path("data/tokenizers/mistral_v1/tokenizer.model")  # 32,000 tokens, as the paper's
+CORPUS = Path("corpora/wikipedia_vital_summaries/enwiki_vital4_summaries.jsonl.gz")
+TOKENIZER = Path("tokenizers/mistral_v1/tokenizer.model")  # 32,000 tokens, as the paper's
 
 
 # ---- grid and model configs -----------------------------------------------------------------
@@ -195,7 +195,12 @@ class Corpus:
 
 
 def find_shared_file(relative: Path) -> Path | None:
-    for root in (REPO_ROOT / "shared", REPO_ROOT.parent / "shared"):
+    """`relative` inside the shared data folder: $GDN2_SHARED_DATA (a copy carried to a GPU
+    machine), else shared/data in the repository or beside it."""
+    env = os.environ.get("GDN2_SHARED_DATA")
+    roots = [Path(env)] if env else []
+    roots += [REPO_ROOT / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
+    for root in roots:
         if (root / relative).is_file():
             return root / relative
     return None
@@ -210,14 +215,14 @@ def prepare_corpus(args, workdir: Path) -> Corpus:
     --corpus tokenized into `workdir` by gdn2-preprocess's function."""
     tokenizer_path = args.tokenizer or find_shared_file(TOKENIZER)
     if tokenizer_path is None:
-        raise NoCorpus(f"no tokenizer: pass --tokenizer (default: shared/{TOKENIZER})")
+        raise NoCorpus(f"no tokenizer: pass --tokenizer (default: shared/data/{TOKENIZER})")
     tokenizer = load_tokenizer(str(tokenizer_path))
     if args.data_prefix:
         return Corpus(args.data_prefix, tokenizer, f"{args.data_prefix} ({tokenizer_path})")
     corpus = args.corpus or find_shared_file(CORPUS)
     if corpus is None or not Path(corpus).is_file():
         raise NoCorpus(f"no corpus: pass --corpus FILE.jsonl[.gz] or --data-prefix PREFIX "
-                                f"(default: shared/{CORPUS}, looked for {corpus})")
+                                f"(default: shared/data/{CORPUS}, looked for {corpus})")
     subset = workdir / "subset.jsonl"
     with (gzip.open if str(corpus).endswith(".gz") else open)(corpus, "rt", encoding="utf-8") as src, \
             subset.open("w", encoding="utf-8") as dst:
@@ -692,11 +697,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        f"(default {FULL['real_data']})")
     p.add_argument("--no-real-data", action="store_true", help="skip the real-data point")
     p.add_argument("--corpus", help="JSON-lines text (.jsonl[.gz], field 'text') for the real-data point "
-                                    f"(default shared/{CORPUS}, in the repository or beside it)")
+                                    f"(default shared/data/{CORPUS}, in the repository or beside it)")
     p.add_argument("--corpus-docs", type=int, help="documents of --corpus to tokenize "
                                                    f"(default {FULL['corpus_docs']})")
     p.add_argument("--data-prefix", help="a preprocessed corpus (PREFIX.bin/.idx) instead of --corpus")
-    p.add_argument("--tokenizer", help=f"tokenizer of the real-data corpus (default shared/{TOKENIZER})")
+    p.add_argument("--tokenizer", help=f"tokenizer of the real-data corpus (default shared/data/{TOKENIZER})")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers (gdn2-pretrain's default: 0)")
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the device for MFU")

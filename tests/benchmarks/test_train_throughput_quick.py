@@ -15,7 +15,6 @@ from tests.shared_data import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
-SHARED = SHARED_DATA
 MODELS = ("swa_gdn2_tiny", "gdn2_tiny", "full_attn_tiny")
 SHAPES = ("32 x 8", "64 x 4", "128 x 2", "256 x 1")
 
@@ -44,8 +43,8 @@ def _number(text: str) -> float:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    if not (SHARED / "corpora").is_dir():
-        pytest.fail(f"{SHARED} is missing: the real-data point needs the shared corpus and tokenizer")
+    if not (SHARED_DATA / "corpora").is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the real-data point needs the shared corpus and tokenizer")
     out = tmp_path_factory.mktemp("out")
     env = dict(os.environ, OUT=str(out), TORCHDYNAMO_DISABLE="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=REPO, env=env, capture_output=True,
