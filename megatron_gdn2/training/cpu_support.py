@@ -77,15 +77,6 @@ class _NoStream:
         return False
 
 
-def _already_patched() -> bool:
-    """True when another copy of these patches (the test harness) is active in this process."""
-    try:
-        torch.cuda.current_device()
-    except (AssertionError, RuntimeError):
-        return False
-    return True
-
-
 def _recompute_under_mode(function_cls) -> None:
     backward = function_cls.backward
 
@@ -110,8 +101,6 @@ def enable_megatron_on_cpu() -> None:
     import megatron.core.tensor_parallel.random as mrandom
 
     _recompute_under_mode(mrandom.CheckpointFunction)
-    if _already_patched():
-        return
 
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
