@@ -7,13 +7,20 @@ first-call latency at a new shape, and a per-kernel breakdown. Writes a markdown
 --out (default $OUT or .) and stdout.
 
     python benchmarks/bench_gdn2.py [--no-fla] [--shapes 4x4096,1x16384] [--breakdown]
+    python benchmarks/bench_gdn2.py --sweep "intra_bwd_warps=8;scores_bkd=32,scores_warps=2"
+
+--sweep times our kernels at the first shape under each KernelConfig variant (`;`-separated,
+each a `,`-separated list of field=value overrides of this GPU's configuration), with the
+per-kernel breakdown, and stops: it is how the per-architecture configurations were chosen.
 """
 import argparse
+import dataclasses
 import os
 import time
 
 import torch
 import torch.nn.functional as F
+from gdn2_kernels.gdn2 import chunk as chunk_module
 from gdn2_kernels.gdn2.chunk import chunk_gdn2_triton
 from triton.testing import do_bench
 
@@ -149,6 +156,31 @@ def breakdown(fn, t, label, iters=5):
     return "\n".join(lines)
 
 
+def sweep(spec, shape):
+    """Times our kernels under each configuration variant of `spec` (see the module docstring)."""
+    major = torch.cuda.get_device_capability()[0]
+    base = chunk_module.kernel_config(torch.device("cuda"))
+    batch, length = SHAPES[shape]
+    t = make_inputs(batch, length)
+    lines = [f"sweep at {shape} (B={batch}, T={length}), base {base}"]
+    for variant in ["", *spec.split(";")]:
+        overrides = {}
+        for item in filter(None, variant.split(",")):
+            key, value = item.split("=")
+            field_type = type(getattr(base, key.strip()))
+            overrides[key.strip()] = field_type(value) if field_type is not bool else value == "True"
+        chunk_module.CONFIGS[major] = dataclasses.replace(base, **overrides)
+        try:
+            fwd, fwd_bwd = time_fn(ours, t, None)
+            lines.append(f"{variant or 'base':50s} fwd {fwd:7.3f} ms  fwd+bwd {fwd_bwd:7.3f} ms")
+            lines.append(breakdown(ours, t, variant or "base", iters=3))
+        except Exception as exc:  # a variant that does not compile or fit must not end the sweep
+            lines.append(f"{variant:50s} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        log("\n".join(lines[-2:]))
+    chunk_module.CONFIGS[major] = base
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,8 +189,15 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     parser.add_argument("--breakdown", action="store_true", help="per-kernel profile at the first shape")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--sweep", default=None, help="configuration variants to time (see above)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.sweep is not None:
+        text = sweep(args.sweep, args.shapes.split(",")[0])
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_sweep.md"), "w") as f:
+            f.write(text + "\n")
+        return
     impls = {"ours": ours}
     if not args.no_fla:
         impls.update({"fla chunk_gdn2": fla_gdn2, "fla chunk_kda": fla_kda})

@@ -1,12 +1,13 @@
 """Chunkwise GDN-2 with Triton kernels: the autograd function and its launches.
 
-Forward: chunk_intra_fwd_kernel (per chunk: cumsum, Aqk, T, (I + T)^-1, Y, U, Qg, Ktail) then
-chunk_state_fwd_kernel (sequential over chunks, fused with the output).
-Backward: the forward's intra tensors (or the intra kernel again, see KernelConfig.recompute_intra),
-chunk_state_bwd_kernel (state gradient, reverse over chunks), chunk_bwd_wy_kernel (dv, dw, dAqk, dT)
-and chunk_bwd_qkg_kernel (dq, dk, db, dg). Only the sequential state kernels use tensor descriptors:
-the per-chunk kernels read dozens of small 16-row tiles, and each descriptor load is a TMA round trip
-that Triton waits on at once (benchmarks/NOTES_kernels.md).
+Forward (chunk_intra.py, then chunk_state.py): cumsum of g, the scores Aqk and T, the inverse
+A = (I + T)^-1, the WY tensors Y, U (with Qg, Ktail), then the sequential state pass fused with
+the output. Backward: the forward's per-chunk tensors (or the same kernels again, see
+KernelConfig.recompute_intra), the state-gradient pass (reverse over chunks), then chunk_bwd.py:
+WY gradients (dv, dw, dAqk, dT), the state products' parts of dq, dk, db, dg, and the intra-chunk
+parts with the reverse cumsum of dg. Only the sequential state kernels use tensor descriptors;
+the per-chunk kernels read small tiles whose descriptor loads Triton would wait on one by one
+(benchmarks/NOTES_kernels.md).
 
 Packed sequences are addressed through device tensors built from cu_seqlens (no host sync); every
 length is a runtime argument, so new lengths never recompile.
@@ -15,30 +16,38 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
-from .chunk_bwd import chunk_bwd_qkg_kernel, chunk_bwd_wy_kernel
+from .chunk_bwd import chunk_intra_bwd_kernel, chunk_state_grads_kernel, chunk_wy_bwd_kernel
 from .chunk_common import CHUNK, next_pow2
-from .chunk_intra import chunk_intra_fwd_kernel
+from .chunk_intra import chunk_cumsum_kernel, chunk_scores_kernel, chunk_solve_kernel, chunk_wy_fwd_kernel
 from .chunk_state import chunk_state_bwd_kernel, chunk_state_fwd_kernel
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters (chosen per architecture; there is no autotuning)."""
+    """Launch parameters (chosen per architecture; there is no autotuning). *_bk / *_bv are the
+    key / value widths of the tiles a kernel loops over."""
 
-    intra_warps: int = 4
-    intra_bk: int = 32
-    intra_bv: int = 64
+    scores_bk: int = 64
+    scores_bkd: int = 16        # key slice of the [16, 16, bkd] diagonal-block ratios
+    scores_warps: int = 4
+    solve_warps: int = 4
+    wy_fwd_bk: int = 64
+    wy_fwd_bv: int = 64
+    wy_fwd_warps: int = 4
     state_bv: int = 64
     state_warps: int = 4
     state_stages: int = 2
-    wy_bv: int = 64
-    wy_warps: int = 4
-    qkg_bk: int = 64
-    qkg_bv: int = 64
-    qkg_warps: int = 4
-    # keep the intra-chunk tensors of the forward for the backward (about 90 KB per chunk and head
-    # for K = V = 128) instead of recomputing them: the intra kernel is the costliest forward step
+    wy_bwd_bv: int = 64
+    wy_bwd_warps: int = 4
+    state_grads_bk: int = 64
+    state_grads_bv: int = 64
+    state_grads_warps: int = 4
+    intra_bwd_bk: int = 32
+    intra_bwd_warps: int = 4
+    # keep the per-chunk tensors of the forward for the backward (about 100 KB per chunk and head
+    # for K = V = 128) instead of recomputing them
     recompute_intra: bool = False
 
 
@@ -116,40 +125,55 @@ def _check_layout(tensors):
             )
 
 
-def _intra(q, k, v, g, b, w, scale, idx, use_l2norm):
-    """Intra-chunk pass; returns the per-chunk tensors (chunk-major rows, 64 per chunk and head)."""
+def _intra(q, k, v, g, b, w, scale, idx):
+    """Per-chunk forward pass; returns its tensors (chunk-major rows, 64 per chunk and head)."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    cfg = idx.cfg
     rows = idx.n_chunks * H * CHUNK
+    f32 = torch.float32
     out = {
+        "G": q.new_empty(rows, K, dtype=f32),
+        "gc": q.new_empty(idx.n_chunks * H, idx.BK, dtype=f32),
+        "aqk": q.new_empty(rows, CHUNK),
+        "a": q.new_empty(rows, CHUNK, dtype=f32),
         "qg": q.new_empty(rows, K),
         "kt": q.new_empty(rows, K),
         "y": q.new_empty(rows, K),
         "u": q.new_empty(rows, V),
-        "aqk": q.new_empty(rows, CHUNK),
-        "gc": q.new_empty(idx.n_chunks * H, idx.BK, dtype=torch.float32),
-        "a": q.new_empty(rows, CHUNK, dtype=torch.float32),
     }
-    chunk_intra_fwd_kernel[(idx.n_chunks, H)](
-        q, k, v, g, b, w,
-        out["qg"], out["kt"], out["y"], out["u"], out["aqk"], out["a"], out["gc"],
-        idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk,
-        idx.N, idx.n_chunks, scale,
-        H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, idx.cfg.intra_bk), BVC=min(idx.BV, idx.cfg.intra_bv),
-        USE_L2NORM=use_l2norm,
-        num_warps=idx.cfg.intra_warps, num_stages=1,
+    coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
+    grid = (idx.n_chunks, H)
+    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
+                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
+    t = q.new_empty(rows, CHUNK, dtype=f32)
+    chunk_scores_kernel[(idx.n_chunks, H, 4)](
+        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), BKD=min(idx.BK, cfg.scores_bkd),
+        num_warps=cfg.scores_warps,
+    )
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)
+    chunk_wy_fwd_kernel[grid](
+        q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
+        *coords, idx.N, scale,
+        H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk), BVC=min(idx.BV, cfg.wy_fwd_bv),
+        num_warps=cfg.wy_fwd_warps,
     )
     return out
+
+
+def _tl_dtype(dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def _state_bv(idx):
     return min(idx.BV, idx.cfg.state_bv)
 
 
-def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2norm, idx, save_states):
-    """Returns o, the final state (or None), the per-chunk entering states (or None) and the intra
-    tensors."""
+def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
+    """Returns o, the final state (or None), the per-chunk entering states (or None) and the
+    per-chunk tensors; q and k are already normalised when the caller asked for it."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    intra = _intra(q, k, v, g, b, w, scale, idx, use_l2norm)
+    intra = _intra(q, k, v, g, b, w, scale, idx)
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -166,16 +190,16 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, u
     return o, ht, states, intra
 
 
-def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, use_l2norm, idx, states, intra, do, dht, h0_grad):
-    """Gradients for q, k, v, g, b, w (w.r.t. the normalised q, k when use_l2norm) and the initial
-    state; `intra` is the forward's intra tensors or None (then they are recomputed)."""
+def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, do, dht, h0_grad):
+    """Gradients for q, k, v, g, b, w and the initial state; `intra` is the forward's per-chunk
+    tensors or None (then they are recomputed)."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     cfg = idx.cfg
-    if use_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
     if intra is None:
-        intra = _intra(q, k, v, g, b, w, scale, idx, False)
+        intra = _intra(q, k, v, g, b, w, scale, idx)
+    coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
     rows = idx.n_chunks * H * CHUNK
+    f32 = torch.float32
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
@@ -189,26 +213,31 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, use_l2norm, idx, stat
     )
     r = q.new_empty(rows, V)
     dvp = q.new_empty(rows, V)
-    daqk = q.new_empty(rows, CHUNK, dtype=torch.float32)
-    dtm = q.new_empty(rows, CHUNK, dtype=torch.float32)
+    daqk = q.new_empty(rows, CHUNK, dtype=f32)
+    dtm = q.new_empty(rows, CHUNK, dtype=f32)
     dv, dw = torch.empty_like(v), torch.empty_like(w)
-    chunk_bwd_wy_kernel[(idx.n_chunks, H)](
+    chunk_wy_bwd_kernel[(idx.n_chunks, H)](
         v, w, do, intra["y"], intra["u"], intra["a"], states, dr,
-        r, dvp, daqk, dtm, dv, dw,
-        idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk,
-        idx.N, idx.n_chunks,
-        H=H, K=K, V=V, BK=idx.BK, BV=min(idx.BV, cfg.wy_bv),
-        num_warps=cfg.wy_warps, num_stages=1,
+        r, dvp, daqk, dtm, dv, dw, *coords, idx.N,
+        H=H, K=K, V=V, BK=idx.BK, BV=min(idx.BV, cfg.wy_bwd_bv),
+        num_warps=cfg.wy_bwd_warps,
+    )
+    dq_s, de_s, dk_s = (q.new_empty(rows, K, dtype=f32) for _ in range(3))
+    dgc = q.new_empty(idx.n_chunks * H, idx.BK, dtype=f32)
+    BKs = min(idx.BK, cfg.state_grads_bk)
+    chunk_state_grads_kernel[(idx.n_chunks, H, triton.cdiv(K, BKs))](
+        k, do, intra["G"], intra["gc"], states, dstates, r, dvp, dq_s, de_s, dk_s, dgc,
+        *coords, idx.N, scale,
+        H=H, K=K, V=V, BKS=idx.BK, BK=BKs, BV=min(idx.BV, cfg.state_grads_bv),
+        num_warps=cfg.state_grads_warps,
     )
     dq, dk, dg, db = (torch.empty_like(x) for x in (q, k, g, b))
-    BKq = min(idx.BK, cfg.qkg_bk)
-    chunk_bwd_qkg_kernel[(idx.n_chunks, H, triton.cdiv(K, BKq))](
-        q, k, g, b, do, states, dstates, r, dvp, daqk, dtm,
-        dq, dk, dg, db,
-        idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk,
-        idx.N, idx.n_chunks, scale,
-        H=H, K=K, V=V, BKS=idx.BK, BK=BKq, BV=min(idx.BV, cfg.qkg_bv),
-        num_warps=cfg.qkg_warps, num_stages=1,
+    BKi = min(idx.BK, cfg.intra_bwd_bk)
+    chunk_intra_bwd_kernel[(idx.n_chunks, H, triton.cdiv(K, BKi))](
+        q, k, b, intra["G"], daqk, dtm, dq_s, de_s, dk_s, dgc,
+        dq, dk, dg, db, *coords, idx.N, scale,
+        H=H, K=K, BKS=idx.BK, BK=BKi,
+        num_warps=cfg.intra_bwd_warps,
     )
     return dq, dk, dv, dg, db, dw, dh0
 
@@ -217,7 +246,7 @@ L2NORM_EPS = 1e-6
 
 
 def _l2norm(x):
-    """The same row normalisation the intra kernel applies in the forward."""
+    """q / |q| per head row (fp32 arithmetic), as use_qk_l2norm_in_kernel asks."""
     xf = x.float()
     return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
 
@@ -235,8 +264,9 @@ class ChunkGDN2Function(torch.autograd.Function):
     def forward(ctx, q, k, v, g, b, w, scale, initial_state, output_final_state, use_l2norm, cu_seqlens):
         idx = ChunkIndex.build(q, v, cu_seqlens)
         save = any(ctx.needs_input_grad)
-        o, ht, states, intra = chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                                              use_l2norm, idx, save_states=save)
+        qn, kn = (_l2norm(q), _l2norm(k)) if use_l2norm else (q, k)
+        o, ht, states, intra = chunk_gdn2_fwd(qn, kn, v, g, b, w, scale, initial_state, output_final_state,
+                                              idx, save_states=save)
         if save:
             ctx.intra = None if idx.cfg.recompute_intra else intra
             ctx.save_for_backward(q, k, v, g, b, w, initial_state, states)
@@ -248,8 +278,9 @@ class ChunkGDN2Function(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, b, w, initial_state, states = ctx.saved_tensors
         _ensure_descriptor_allocator(q)
+        qn, kn = (_l2norm(q), _l2norm(k)) if ctx.use_l2norm else (q, k)
         dq, dk, dv, dg, db, dw, dh0 = chunk_gdn2_bwd(
-            q, k, v, g, b, w, ctx.scale, initial_state, ctx.use_l2norm, ctx.idx, states, ctx.intra,
+            qn, kn, v, g, b, w, ctx.scale, initial_state, ctx.idx, states, ctx.intra,
             do.contiguous(), None if dht is None else dht.contiguous(), ctx.h0_grad,
         )
         ctx.intra = None
