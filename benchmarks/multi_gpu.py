@@ -138,8 +138,12 @@ def parse_log(job: Job) -> None:
         job.mem_gb = (max(float(r[4]) for r in rows), max(reserved) if reserved else None)
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+def failure_excerpt(path: Path, lines: int = 60) -> str:
+    """The first Python traceback of a failed run (a rank's own error, not torchrun's report of
+    it), else the log's last lines."""
+    text = path.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(text) if "Traceback (most recent call last)" in line), None)
+    return "\n".join(text[-lines:] if start is None else text[start:start + lines])
 
 
 class Launcher:
@@ -185,7 +189,7 @@ class Launcher:
                 tt.log(f"[{job.name}] {job.error or 'done'} in {job.seconds:.0f} s "
                        f"({len(job.losses)} logged steps; log {job.log})")
                 if job.error:
-                    tt.log(tail(job.log))
+                    tt.log(failure_excerpt(job.log))
 
     def _start(self, job: Job, devices: list[int]) -> subprocess.Popen:
         job.log = self.workdir / (re.sub(r"[^A-Za-z0-9]+", "_", job.name).strip("_") + ".log")
