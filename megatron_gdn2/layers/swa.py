@@ -11,7 +11,8 @@ before it. Its core attention is chosen by `swa_core_attention(config)`:
     "local"  Megatron's DotProductAttention (materialises the [T, T] scores; CPU tests)
 
 `config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
-a GPU and "local" on CPU. "flex" and "sdpa" run full causal attention (a window that covers the
+a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
+CPU. "flex" and "sdpa" run full causal attention (a window that covers the
 sequence) as one SDPA call with `is_causal=True` and no mask, which is the flash kernel on a GPU.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
+# the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
+FLEX_MIN_HEAD_DIM = 16
 
 
 class SlidingWindowCoreAttention(MegatronModule):
@@ -152,8 +155,10 @@ def swa_core_attention(config) -> type:
     if impl is None:
         if config.transformer_impl == "transformer_engine":
             impl = "te"
+        elif torch.cuda.is_available():
+            impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
         else:
-            impl = "flex" if torch.cuda.is_available() else "local"
+            impl = "local"
     if impl not in SWA_ATTENTION_IMPLS:
         raise ValueError(f"swa_attention_impl must be one of {SWA_ATTENTION_IMPLS} or None, got {impl!r}")
     if impl == "te":

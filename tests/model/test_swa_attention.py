@@ -120,17 +120,28 @@ def test_default_implementation():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_gdn2.configs import get_model_config
-    from megatron_gdn2.layers.swa import FlexSlidingWindowAttention, swa_core_attention
+    from megatron_gdn2.layers.swa import (
+        FLEX_MIN_HEAD_DIM,
+        BlockedSlidingWindowAttention,
+        FlexSlidingWindowAttention,
+        swa_core_attention,
+    )
     from megatron_gdn2.models import make_transformer_config
 
-    config = make_transformer_config(get_model_config("swa_gdn2_tiny"))
-    if config.transformer_impl == "transformer_engine":
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    for name in ("swa_gdn2_tiny", "swa_gdn2_1.3B"):
+        config = make_transformer_config(get_model_config(name))
+        if config.transformer_impl == "transformer_engine":
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-        expected = TEDotProductAttention
-    else:
-        expected = FlexSlidingWindowAttention if torch.cuda.is_available() else DotProductAttention
-    assert swa_core_attention(config) is expected
+            expected = TEDotProductAttention
+        elif not torch.cuda.is_available():
+            expected = DotProductAttention
+        elif config.kv_channels >= FLEX_MIN_HEAD_DIM:
+            expected = FlexSlidingWindowAttention
+        else:
+            # the compiled FlexAttention kernel refuses heads under 16 wide (the tiny model's are 8)
+            expected = BlockedSlidingWindowAttention
+        assert swa_core_attention(config) is expected, name
 
 
 # ---- GPU: one rank with dynamo enabled, so FlexAttention is compiled as in training -------------
