@@ -7,7 +7,7 @@ first-call latency at a new shape, and a per-kernel breakdown. Writes a markdown
 --out (default $OUT or .) and stdout.
 
     python benchmarks/bench_gdn2.py [--no-fla] [--shapes 4x4096,1x16384] [--breakdown]
-    python benchmarks/bench_gdn2.py --sweep "intra_bwd_warps=8;scores_bkd=32,scores_warps=2"
+    python benchmarks/bench_gdn2.py --sweep "intra_bwd_warps=8;scores_bk=32,scores_warps=2"
 
 --sweep times our kernels at the first shape under each KernelConfig variant (`;`-separated,
 each a `,`-separated list of field=value overrides of this GPU's configuration), with the

@@ -12,7 +12,7 @@ the per-chunk kernels read small tiles whose descriptor loads Triton would wait 
 Packed sequences are addressed through device tensors built from cu_seqlens (no host sync); every
 length is a runtime argument, so new lengths never recompile.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -30,7 +30,6 @@ class KernelConfig:
     key / value widths of the tiles a kernel loops over."""
 
     scores_bk: int = 64
-    scores_bkd: int = 16        # key slice of the [16, 16, bkd] diagonal-block ratios
     scores_warps: int = 4
     solve_warps: int = 4
     wy_fwd_bk: int = 64
@@ -57,10 +56,16 @@ CONFIGS = {
 }
 
 
-def kernel_config(device: torch.device) -> KernelConfig:
-    if device.type != "cuda":
-        return KernelConfig()
-    return CONFIGS.get(torch.cuda.get_device_capability(device)[0], KernelConfig())
+# fp32 inputs run exact (ieee) products without tensor cores, whose operands take more shared
+# memory: the WY gradient kernel's 64-wide value tiles need 248 KB on the H200 (limit 227 KB)
+FP32_OVERRIDES = {"wy_bwd_bv": 32}
+
+
+def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    cfg = KernelConfig()
+    if device.type == "cuda":
+        cfg = CONFIGS.get(torch.cuda.get_device_capability(device)[0], cfg)
+    return replace(cfg, **FP32_OVERRIDES) if dtype == torch.float32 else cfg
 
 
 @dataclass
@@ -99,7 +104,7 @@ class ChunkIndex:
             grid_ids = torch.arange(n_chunks, device=dev, dtype=torch.int32)
             seq_of_chunk = (torch.searchsorted(chunk_offsets, grid_ids, right=True) - 1).to(torch.int32)
         return cls(cu, chunk_offsets, seq_of_chunk, n_seq, n_chunks,
-                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]), kernel_config(dev))
+                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]), kernel_config(dev, q.dtype))
 
 
 def _scratch(size, align, stream):
@@ -148,7 +153,7 @@ def _intra(q, k, v, g, b, w, scale, idx):
     t = q.new_empty(rows, CHUNK, dtype=f32)
     chunk_scores_kernel[(idx.n_chunks, H, 4)](
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), BKD=min(idx.BK, cfg.scores_bkd),
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps,
     )
     chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)

@@ -15,7 +15,7 @@ chunk_intra_bwd_kernel (chunk, head, key block), sub-blocks i = 3..0:
 import triton
 import triton.language as tl
 
-from .chunk_common import chunk_coords, diag_decay, load_row, load_tile, mm, mm_solve, store_tile
+from .chunk_common import chunk_coords, diag_factors_safe, load_row, load_tile, mm, mm_solve, store_tile
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -181,12 +181,28 @@ def chunk_intra_bwd_kernel(
             dki += x * tl.exp(n[None, :] - Gi)
 
         # the diagonal sub-block
-        f = diag_decay(Gi)
-        dAd = (_blk(daqk, i, i) * scale)[:, :, None] * f
-        dTd = _blk(dtm, i, i)[:, :, None] * f
-        dqi += tl.sum(dAd * ki[None, :, :], 1)
-        dei += tl.sum(dTd * ki[None, :, :], 1)
-        dki += tl.sum(dAd * qi[:, None, :] + dTd * ei[:, None, :], 0)
+        dAd = _blk(daqk, i, i) * scale
+        dTd = _blk(dtm, i, i)
+        Gm = load_row(G, K, li + 7, 64, ck, K, BK)
+        if diag_factors_safe(Gi, Gm):
+            rf = tl.exp(Gi - Gm[None, :])
+            cf = tl.exp(Gm[None, :] - Gi)
+            kf = ki * cf
+            dqi += rf * mm(dAd, kf, DT)
+            dei += rf * mm(dTd, kf, DT)
+            dki += cf * (mm(tl.trans(dAd), qi * rf, DT) + mm(tl.trans(dTd), ei * rf, DT))
+        else:
+            r = tl.arange(0, 16)
+            for s in range(0, 16):
+                ks = load_row(k, SK, row0 + li + s, L, ck, K, BK).to(tl.float32)
+                Gs = load_row(G, K, li + s, 64, ck, K, BK)
+                f = tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
+                dac = tl.load(daqk + (li + r) * 64 + li + s) * scale
+                dtc = tl.load(dtm + (li + r) * 64 + li + s)
+                dqi += dac[:, None] * ks[None, :] * f
+                dei += dtc[:, None] * ks[None, :] * f
+                dks = tl.sum((dac[:, None] * qi + dtc[:, None] * ei) * f, 0)
+                dki += tl.where(r[:, None] == s, dks[None, :], 0.0)
 
         dG = qi * dqi + ei * dei - ki * dki
         store_tile(dg + tok, SK, row0 + li, L, ck, K, tl.cumsum(dG, 0, reverse=True) + tail[None, :])

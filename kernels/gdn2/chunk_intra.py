@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .chunk_common import (
     chunk_coords,
-    diag_decay,
+    diag_factors_safe,
     load_row,
     load_tile,
     mm,
@@ -52,7 +52,7 @@ def chunk_scores_kernel(
     q, k, b, G, aqk_out, t_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
     T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i)."""
@@ -91,19 +91,30 @@ def chunk_scores_kernel(
         store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
         store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
-    # the diagonal sub-block, ratios formed directly under the causal mask
+    # the diagonal sub-block
+    r = tl.arange(0, 16)
     a = tl.zeros([16, 16], dtype=tl.float32)
     t = tl.zeros([16, 16], dtype=tl.float32)
-    for kc in range(0, K, BKD):
-        f = diag_decay(load_tile(G, K, li, 64, kc, K, 16, BKD))
-        ki = load_tile(k, SK, ri, L, kc, K, 16, BKD).to(tl.float32)
-        qi = load_tile(q, SK, ri, L, kc, K, 16, BKD).to(tl.float32)
-        ei = load_tile(b, SK, ri, L, kc, K, 16, BKD).to(tl.float32) * ki
-        kf = ki[None, :, :] * f
-        a += tl.sum(qi[:, None, :] * kf, 2)
-        t += tl.sum(ei[:, None, :] * kf, 2)
-    r = tl.arange(0, 16)
-    store_tile(aqk_out, 64, li, 64, li, 64, a * scale)
+    for kc in range(0, K, BKC):
+        Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
+        ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+        qi = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+        ei = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki
+        Gm = load_row(G, K, li + 7, 64, kc, K, BKC)
+        if diag_factors_safe(Gi, Gm):
+            rf = tl.exp(Gi - Gm[None, :])
+            kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
+            a += mm(qi * rf, kf, DT)
+            t += mm(ei * rf, kf, DT)
+        else:
+            for s in range(0, 16):
+                ks = load_row(k, SK, ri + s, L, kc, K, BKC).to(tl.float32)
+                Gs = load_row(G, K, li + s, 64, kc, K, BKC)
+                kf = ks[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
+                col = r[None, :] == s
+                a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
+                t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
+    store_tile(aqk_out, 64, li, 64, li, 64, tl.where(r[:, None] >= r[None, :], a * scale, 0.0))
     store_tile(t_out, 64, li, 64, li, 64, tl.where(r[:, None] > r[None, :], t, 0.0))
     zero = tl.zeros([16, 16], dtype=tl.float32)
     for j in range(i_i + 1, 4):
