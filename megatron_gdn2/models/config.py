@@ -101,6 +101,10 @@ def make_transformer_config(model_cfg: ModelConfig, *, tensor_model_parallel_siz
         attention_dropout=0.0,
         # The fused softmax kernel ignores window_size; SWA never uses the local softmax on a GPU.
         masked_softmax_fusion=False,
+        # SwiGLU as Megatron's fused (torch.compile'd) function: eager it is several passes over
+        # [tokens, ffn] tensors (the H200 profile, benchmarks/RESULTS.md); uncompiled (CPU) the
+        # same math.
+        bias_activation_fusion=True,
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
