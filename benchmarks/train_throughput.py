@@ -663,7 +663,11 @@ def run_profile(args, clock: dict) -> int:
     lines = [f"# Profile: {point.model} {point.label}, {steps} steps, {env['device']}", "",
              f"wall time per step (profiler on): {wall_ms:.1f} ms"]
     if cuda:
-        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+        # device-side ranges of record_function annotations (ProfilerStep#, Optimizer.step#...)
+        # span many kernels: counting them would count those kernels twice
+        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA
+                          and not getattr(e, "is_user_annotation", False)
+                          and not e.key.startswith("ProfilerStep")),
                          key=lambda e: e.self_device_time_total, reverse=True)
         total_us = sum(e.self_device_time_total for e in kernels)
         lines.append(f"kernel time per step: {total_us / 1e3 / steps:.1f} ms "
