@@ -153,8 +153,9 @@ class LowRankColumnParallel(MegatronModule):
 
 
 class HeadwiseGatedRMSNorm(torch.nn.Module):
-    """RMSNorm over each head's d_v channels with one weight shared by all heads, times silu(gate);
-    fp32 math. Each rank holds some heads, so the weight's gradient is summed over the TP group."""
+    """RMSNorm over each head's d_v channels with one weight shared by all heads (statistics in
+    fp32), times silu(gate). Each rank holds some heads, so the weight's gradient is summed over the
+    TP group."""
 
     def __init__(self, config, head_dim: int, eps: float, tp_group):
         super().__init__()
@@ -164,9 +165,7 @@ class HeadwiseGatedRMSNorm(torch.nn.Module):
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-        o32 = o.float()
-        normed = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * weight.float() * F.silu(gate.float())).to(o.dtype)
+        return F.rms_norm(o, (o.shape[-1],), weight.to(o.dtype), self.eps) * F.silu(gate.to(o.dtype))
 
 
 def check_gdn2_shapes(config, tp_size: int) -> None:

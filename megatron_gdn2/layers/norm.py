@@ -8,13 +8,16 @@ tensor-parallel group.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_gdn2.layers.params import new_parameter
 
 
 class RMSNorm(torch.nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back to x's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight through torch's rms_norm: the statistics in fp32 (one
+    fused kernel on a GPU), the result in x's dtype. Spelled out in PyTorch it was seven passes over
+    the activations forward and kept fp32 copies of them for the backward (benchmarks/RESULTS.md)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -25,6 +28,4 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
