@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce gradient buckets over data-parallel ranks while backward runs")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters bucket by bucket "
+                        "during the next forward pass")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                    help="activation recomputation")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -215,6 +218,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
             sequence_parallel=args.sequence_parallel,
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather,
             recompute=None if args.recompute == "none" else args.recompute,
         ),
         data=DataSettings(

@@ -53,6 +53,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     # Start each gradient bucket's data-parallel reduction during the backward pass.
     overlap_grad_reduce: bool = False
+    # Gather each parameter bucket of the distributed optimizer's update during the next forward
+    # pass (forward pre-hooks) instead of right after the optimizer step.
+    overlap_param_gather: bool = False
     # None, "selective" (attention core only) or "full" (whole layers, uniform chunks of 1)
     recompute: str | None = None
 
@@ -192,6 +195,9 @@ class PretrainConfig:
                 f"{p.pipeline_model_parallel_size}))")
         if p.sequence_parallel and p.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if p.overlap_param_gather and not p.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it overlaps that "
+                              "optimizer's parameter all-gather)")
         if p.recompute not in (None, "selective", "full"):
             raise ConfigError(f"--recompute must be one of none, selective, full (got {p.recompute!r})")
         if self.precision not in ("auto", "bf16", "fp32"):

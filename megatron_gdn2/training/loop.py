@@ -16,6 +16,7 @@ Stopping: at the last iteration (final checkpoint); on SIGTERM/SIGUSR1 (see ``si
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -102,13 +103,30 @@ class Trainer:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @contextlib.contextmanager
+    def params_current(self):
+        """With --overlap-param-gather the optimizer's update reaches the model's parameters only in
+        the next forward (its pre-hooks gather bucket by bucket; an evaluation forward does that
+        too). A checkpoint reads them outside any forward: gather now, synchronously, with the
+        hooks off meanwhile."""
+        model = self.bundle.model
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            model.enable_forward_pre_hook()
+
     def save(self) -> str | None:
         if self.cfg.checkpoint.save is None or self.last_saved == self.state.iteration:
             return None
         start = time.perf_counter()
         self.state.wandb_run_id = self.wandb.run_id or self.state.wandb_run_id
-        path = save_checkpoint(self.cfg, self.state, self.bundle.module, self.optimizer, self.scheduler,
-                               self.model_config)
+        with self.params_current():
+            path = save_checkpoint(self.cfg, self.state, self.bundle.module, self.optimizer, self.scheduler,
+                                   self.model_config)
         self.last_saved = self.state.iteration
         self.result.checkpoint = str(path)
         info(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")

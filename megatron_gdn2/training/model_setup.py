@@ -116,6 +116,7 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
     model = DistributedDataParallel(tc, ddp_config, wrapped)

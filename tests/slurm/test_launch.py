@@ -137,6 +137,8 @@ def test_single_node_launcher_writes_rank_logs_and_returns_failure(tmp_path):
     assert out.returncode != 0
     job_log = (tmp_path / "logs" / "job.log").read_text()
     assert "2 processes on" in job_log and "gdn2-pretrain: error:" in job_log
-    for rank in (0, 1):
-        [stderr] = (tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log")
-        assert "gdn2-pretrain: error:" in stderr.read_text()
+    # every rank gets its own log; torchrun stops the other rank as soon as one has failed, so
+    # only the first to fail is sure to have written its error
+    logs = [(tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log") for rank in (0, 1)]
+    texts = [stderr.read_text() for [stderr] in (list(found) for found in logs)]
+    assert any("gdn2-pretrain: error:" in text for text in texts), texts

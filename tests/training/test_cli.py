@@ -91,6 +91,13 @@ def test_bad_input_fails_fast_with_a_clear_message(corpus, tmp_path, capsys, mon
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_overlap_param_gather_needs_the_distributed_optimizer(corpus, tmp_path, capsys):
+    code, err = _run_main(_native_args(corpus, tmp_path) + ["--overlap-param-gather"], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "--overlap-param-gather needs --use-distributed-optimizer" in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_bad_tokenizer_file_and_bad_train_config(corpus, tmp_path, capsys, monkeypatch):
     not_a_tokenizer = tmp_path / "tokenizer.json"
     not_a_tokenizer.write_text("{ this is not json")

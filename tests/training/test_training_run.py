@@ -71,13 +71,14 @@ def test_exact_resume(runs):
 
 
 # On 2 ranks: TP=2 with sequence parallelism, PP=2 with full activation recomputation, DP=2
-# (which reshards the distributed optimizer's state), with and without the gradient reduction
-# overlapped with the backward pass.
+# (which reshards the distributed optimizer's state), with and without the gradient reduction and
+# the parameter all-gather overlapped with the backward and forward passes.
+OVERLAP = {"parallel__overlap_grad_reduce": True, "parallel__overlap_param_gather": True}
 LAYOUTS = {
     "tp2-sp": (2, 1, {"parallel__sequence_parallel": True}),
     "pp2-recompute": (1, 2, {"parallel__recompute": "full"}),
     "dp2": (1, 1, {}),
-    "dp2-overlap": (1, 1, {"parallel__overlap_grad_reduce": True}),
+    "dp2-overlap": (1, 1, OVERLAP),
 }
 
 
@@ -97,6 +98,16 @@ def test_resume_at_another_layout(runs, corpus, tmp_path):
                 assert loss == pytest.approx(ref["train"][it], abs=2e-5), (name, rank, it)
     for name in LAYOUTS:
         assert latest_iteration(tmp_path / name) == N + LAYOUT_STEPS, name
+
+    # With --overlap-param-gather the last update reaches the parameters only in the next forward;
+    # the checkpoint saved right after that step (no evaluation in between) must hold it anyway:
+    # one more step from it gives the reference's loss.
+    after = N + LAYOUT_STEPS + 1
+    cont = _config(corpus, tmp_path / "after-overlap", checkpoint__load=str(tmp_path / "dp2-overlap"),
+                   checkpoint__exit_interval=after).to_dict()
+    ((out,), _) = run_distributed(train_in_layouts, world_size=2, args=([(1, 1, cont)],))
+    assert sorted(out["train"]) == [after]
+    assert out["train"][after] == pytest.approx(ref["train"][after], abs=2e-5)
 
 
 def test_dali_backend_trains_on_the_same_batches(runs, corpus, tmp_path):
