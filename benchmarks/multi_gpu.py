@@ -33,9 +33,11 @@ max |loss - loss(TP=1)|:
 
 scaling: ``swa_gdn2_1.3B`` (``--model``), 4K x 4 tokens per GPU per step (one micro-batch),
 data parallel on 1, 2, 4, 8 GPUs with the distributed optimizer; tokens/s is the mean of the
-log intervals after the first (compilation and warm-up excluded); % of linear = tokens/s/GPU
-over the one-GPU value. Gradient reduce-scatter / parameter all-gather overlap is requested with
-the ``gdn2-pretrain`` flags that exist; the table names any that do not.
+log intervals after the first (compilation and warm-up excluded) and before the last (its last
+two steps run under ``--profile``); % of linear = tokens/s/GPU over the one-GPU value. Gradient
+reduce-scatter / parameter all-gather overlap is requested with the ``gdn2-pretrain`` flags that
+exist (the table names any that do not), and the profile column shows rank 0's kernel time,
+communication time and the share of it that ran alongside compute (Chrome traces in --workdir).
 
 memory7b: ``swa_gdn2_7B`` at TP=2 and TP=4 with sequence parallelism (DP=1), 4K x 1 micro-batches,
 global batch 8; tokens/s per GPU and peak memory (rank 0's peak allocated / reserved, the only
@@ -74,6 +76,7 @@ OVERLAP_FLAGS = ("--overlap-grad-reduce", "--overlap-param-gather")
 ITER_LINE = re.compile(r"iter (\d+)/\d+ \|.*?\| loss ([0-9.naif]+) \|.*?\| ([0-9.]+)([KMB]?) tok/s \|"
                        r".*?\| mem ([0-9.]+)(?:/([0-9.]+))? GB")
 UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9}
+PROFILE_LINE = re.compile(r"profile of steps \d+-\d+ on rank 0: (.*?); trace")
 
 
 class RunFailed(RuntimeError):
@@ -91,6 +94,8 @@ class Job:
     mem_gb: tuple[float, float | None] = (0.0, None)
     seconds: float = 0.0
     error: str | None = None
+    profiled: bool = False  # its last steps ran under --profile (see scaling)
+    profile: str | None = None  # the run's profile summary line
 
 
 @dataclass
@@ -133,6 +138,8 @@ def parse_log(job: Job) -> None:
     rows = ITER_LINE.findall(text)
     job.losses = {int(it): float(loss) for it, loss, *_ in rows}
     job.tokens_per_s = [float(v) * UNITS[u] for _, _, v, u, *_ in rows]
+    found = PROFILE_LINE.search(text)
+    job.profile = found[1] if found else None
     if rows:
         reserved = [float(r[5]) for r in rows if r[5]]
         job.mem_gb = (max(float(r[4]) for r in rows), max(reserved) if reserved else None)
@@ -309,8 +316,16 @@ def overlap_note() -> tuple[list[str], str]:
 
 
 def steady_rate(job: Job) -> float | None:
-    rates = job.tokens_per_s[1:]  # the first interval holds compilation and warm-up
+    # the first interval holds compilation and warm-up, the last one a profiled run's profiler
+    rates = job.tokens_per_s[1:-1] if job.profiled else job.tokens_per_s[1:]
     return sum(rates) / len(rates) if rates else None
+
+
+def profile_flags(args, workdir: Path, name: str) -> list[str]:
+    """--profile over the run's last two steps on rank 0 (its trace lands in the work directory)."""
+    last = args.throughput_steps
+    return ["--profile", "--profile-step-start", str(last - 1), "--profile-step-end", str(last),
+            "--profile-ranks", "0", "--profile-dir", str(workdir / re.sub(r"\W+", "_", name))]
 
 
 def throughput_job(args, data: list[str], name: str, gpus: int, model: str, micro: int,
@@ -326,16 +341,22 @@ def run_scaling(args, workdir: Path, launcher: Launcher) -> tuple[list[str], boo
     overlap, overlap_text = overlap_note()
     counts = [n for n in (1, 2, 4, 8) if n <= args.gpus]
     jobs = [throughput_job(args, data, f"scaling {n} GPU", n, args.scaling_model, args.scaling_micro,
-                            args.scaling_micro * n, overlap) for n in counts]
+                            args.scaling_micro * n, overlap + profile_flags(args, workdir, f"profile {n}"))
+            for n in counts]
+    for job in jobs:
+        job.profiled = True
     launcher.run(jobs, exclusive=True)
     base = steady_rate(jobs[0])
     lines = [f"## Data-parallel weak scaling: {args.scaling_model}, {args.seq} x {args.scaling_micro} "
              "tokens per GPU per step, bf16, distributed optimizer", "",
              f"Gradient reduce-scatter / param all-gather overlap: {overlap_text}. Tokens/s: mean of the "
              f"log intervals after the first ({args.throughput_steps} steps, interval "
-             f"{args.throughput_log_interval}).", "",
+             f"{args.throughput_log_interval}), without the last, whose two last steps ran under "
+             "--profile (rank 0's kernel, communication and overlapped communication time in the "
+             "profile column; Chrome traces in the work directory).", "",
              "| GPUs | global batch | tokens/s | tokens/s/GPU | % of linear "
-             "| peak mem GB (rank 0, alloc/reserved) | result |", "|---|---|---|---|---|---|---|"]
+             "| peak mem GB (rank 0, alloc/reserved) | profile (rank 0) | result |",
+             "|---|---|---|---|---|---|---|---|"]
     ok = True
     for n, job in zip(counts, jobs):
         rate = steady_rate(job)
@@ -346,7 +367,8 @@ def run_scaling(args, workdir: Path, launcher: Launcher) -> tuple[list[str], boo
         per_gpu = rate / n if rate else None
         linear = tt.fmt(100 * share if share else None, ".1f")
         lines.append(f"| {n} | {args.scaling_micro * n} | {tt.fmt(rate, ',.0f')} | "
-                     f"{tt.fmt(per_gpu, ',.0f')} | {linear} | {memory(job)} | {result} |")
+                     f"{tt.fmt(per_gpu, ',.0f')} | {linear} | {memory(job)} | {job.profile or '-'} "
+                     f"| {result} |")
     return lines, ok
 
 

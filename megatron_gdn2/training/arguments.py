@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: from the GPU model)")
+    g.add_argument("--profile", action="store_true",
+                   help="torch.profiler over a window of steps: a Chrome trace per profiled rank and "
+                        "a summary of kernel, communication and overlapped time")
+    g.add_argument("--profile-step-start", type=int, default=5)
+    g.add_argument("--profile-step-end", type=int, default=7)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    g.add_argument("--profile-dir", default=None, help="default: <save>/profile, else ./profile")
 
     g = p.add_argument_group("GDN-2 reference release command line")
     g.add_argument("--train_data_dir", default=None)
@@ -243,6 +250,9 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
             eval_iters=15 if args.eval_iters is None else args.eval_iters,
             wandb_project=args.wandb_project, wandb_name=args.wandb_name, wandb_group=args.wandb_group,
             wandb_dir=args.wandb_dir, wandb_mode=args.wandb_mode, peak_tflops=args.peak_tflops,
+            profile=args.profile, profile_step_start=args.profile_step_start,
+            profile_step_end=args.profile_step_end, profile_ranks=args.profile_ranks,
+            profile_dir=args.profile_dir,
         ),
     )
     if any(v is not None for v in (args.train_data_dir, args.val_data_dir, args.train_config,

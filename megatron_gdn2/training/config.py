@@ -118,6 +118,12 @@ class LoggingConfig:
     wandb_dir: str | None = None
     wandb_mode: str | None = None  # online / offline / disabled (default: wandb's own)
     peak_tflops: float | None = None  # per device; default: looked up from the GPU name
+    # torch.profiler over iterations [profile_step_start, profile_step_end] on profile_ranks
+    profile: bool = False
+    profile_step_start: int = 5
+    profile_step_end: int = 7
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    profile_dir: str | None = None  # default: <save>/profile, else ./profile
 
 
 @dataclass
@@ -223,6 +229,9 @@ class PretrainConfig:
         _positive("--eval-interval", lg.eval_interval)
         if lg.eval_iters < 0:
             raise ConfigError(f"--eval-iters must be >= 0 (got {lg.eval_iters})")
+        if lg.profile and not 1 <= lg.profile_step_start <= lg.profile_step_end:
+            raise ConfigError(f"--profile-step-start {lg.profile_step_start} and --profile-step-end "
+                              f"{lg.profile_step_end} must satisfy 1 <= start <= end")
         if lg.wandb_mode not in (None, "online", "offline", "disabled"):
             raise ConfigError(f"--wandb-mode must be online, offline or disabled (got {lg.wandb_mode!r})")
         c = self.checkpoint

@@ -31,6 +31,11 @@ def log_rank0(message: str) -> None:
         _log.info(message)
 
 
+def log_any_rank(message: str) -> None:
+    """For what only some ranks know (their own profile); tagged with the rank."""
+    _log.info(f"[rank {dist.get_rank()}] {message}")
+
+
 def world_size_from_env() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 

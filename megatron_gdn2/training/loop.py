@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,11 +32,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_gdn2.data.datasets import MicroBatchLoader
 from megatron_gdn2.training.checkpointing import TrainState, save_checkpoint
 from megatron_gdn2.training.config import PretrainConfig
+from megatron_gdn2.training.distributed import log_any_rank
 from megatron_gdn2.training.distributed import log_rank0 as info
 from megatron_gdn2.training.evaluation import evaluate, perplexity
 from megatron_gdn2.training.forward_step import forward_step, reduce_loss
 from megatron_gdn2.training.metrics import ProgressMeter
 from megatron_gdn2.training.model_setup import ModelBundle
+from megatron_gdn2.training.profiling import StepProfiler
 from megatron_gdn2.training.signals import PreemptionHandler
 from megatron_gdn2.training.wandb_logger import WandbLogger
 
@@ -83,6 +86,11 @@ class Trainer:
         self.result = RunResult(exit_reason="", state=self.state)
         self.nonfinite_in_row = 0
         self.last_saved: int | None = None
+        lg = self.cfg.logging
+        out_dir = lg.profile_dir or str(Path(self.cfg.checkpoint.save or ".") / "profile")
+        self.profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end,
+                                     lg.profile_ranks if lg.profile else [], out_dir, dist.get_rank(),
+                                     log_any_rank)
 
     # ---- pieces ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float | None, bool]:
@@ -180,8 +188,10 @@ class Trainer:
                 self.run_evaluation()
             while state.iteration < total:
                 t0 = time.perf_counter()
+                self.profiler.step_begins(state.iteration + 1)
                 loss, grad_norm, ok = self.train_step()
                 state.iteration += 1
+                self.profiler.step_ends(state.iteration)
                 state.consumed_samples += cfg.global_batch_size
                 state.consumed_tokens += cfg.tokens_per_step
                 it = state.iteration

@@ -4,6 +4,7 @@ has a row per layout and the losses of every layout equal TP=1's within 1e-4."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,29 @@ def test_layouts_cpu_smoke(tmp_path):
         losses = _losses(work / "layouts", name)
         assert len(losses) == 3
         assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-4 + 1e-9, (name, losses, reference)
+
+
+def test_scaling_job_profile_is_read_back(tmp_path):
+    """A scaling job as multi_gpu.py builds it (with --profile over its last two steps), run for
+    real by its launcher on CPU: the profile summary line and the per-interval rates are read back
+    from the log, and the profiled last interval is left out of the steady rate."""
+    if not (SHARED_DATA / "corpora").is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the run trains on the shared corpus")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import multi_gpu as mg
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    work = tmp_path / "work"
+    work.mkdir()
+    args = mg.parse_args(["layouts", "--cpu", "--workdir", str(work), "--seq", "64", "--throughput-steps",
+                          "4", "--throughput-log-interval", "1", "--corpus-docs", "200"])
+    job = mg.throughput_job(args, mg.data_flags(args, work), "scaling 1 rank", 1, "swa_gdn2_tiny", 2, 2,
+                            mg.profile_flags(args, work, "profile 1"))
+    job.profiled = True
+    mg.Launcher(args, work, deadline=time.monotonic() + 200).run([job])
+    assert job.error is None, mg.failure_excerpt(job.log)
+    assert job.profile == "no GPU kernels recorded", job.log.read_text()[-2000:]  # CPU: no GPU kernels
+    assert (work / "profile_1" / "trace_rank0.json.gz").is_file()
+    assert len(job.tokens_per_s) == 4
+    assert mg.steady_rate(job) == pytest.approx(sum(job.tokens_per_s[1:3]) / 2)

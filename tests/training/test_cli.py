@@ -91,10 +91,15 @@ def test_bad_input_fails_fast_with_a_clear_message(corpus, tmp_path, capsys, mon
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_overlap_param_gather_needs_the_distributed_optimizer(corpus, tmp_path, capsys):
-    code, err = _run_main(_native_args(corpus, tmp_path) + ["--overlap-param-gather"], capsys)
+@pytest.mark.parametrize("extra,message", [
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--profile", "--profile-step-start", "5", "--profile-step-end", "3"],
+     "--profile-step-start 5 and --profile-step-end 3 must satisfy 1 <= start <= end"),
+], ids=["overlap-param-gather", "profile-window"])
+def test_bad_flag_combinations(corpus, tmp_path, capsys, extra, message):
+    code, err = _run_main(_native_args(corpus, tmp_path) + extra, capsys)
     assert code == EXIT_BAD_INPUT
-    assert "--overlap-param-gather needs --use-distributed-optimizer" in err, err
+    assert message in err, err
     assert not (tmp_path / "ckpt").exists()
 
 
