@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# One device call: install what the GPU image lacks (carried wheels in .whl/), run every GPU-marked
-# test, then the kernel benchmark and the training-throughput grid. Logs land in $OUT.
-# Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|train|all]...
+# One device call: install what the GPU image lacks (carried wheels in .whl/), then the chosen
+# steps; logs land in $OUT.
+# Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|sweep|train|profile|multi|all]...
+#   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
+#   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
+#   sweep    bench_gdn2.py --sweep "$SWEEP" (launch-configuration variants, ours only)
+#   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
+#   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
 # ../shared/data does not travel to the device: copy what the tests read into data_cache/shared
-# (gitignored; e.g. corpora/wikipedia_vital_summaries, eval, tokenizers/mistral_v1) and carry it.
+# (gitignored; corpora/wikipedia_vital_summaries, eval, tokenizers/mistral_v1) and carry it with
+# .whl. Run independent steps on separate GPUs of a multi-GPU machine with CUDA_VISIBLE_DEVICES.
 set -uo pipefail
 OUT=${OUT:-/tmp/gdn2_out}
 mkdir -p "$OUT"
@@ -31,9 +37,19 @@ for step in "${@:-all}"; do
     kernels | all)
         python3 benchmarks/bench_gdn2.py 2>&1 | tee "$OUT/bench_gdn2.log" | tail -40
         status=$((status | PIPESTATUS[0])) ;;&
+    sweep)
+        python3 benchmarks/bench_gdn2.py --shapes 4x4096 --sweep "${SWEEP:-}" 2>&1 \
+            | tee "$OUT/bench_sweep.log" | grep -E "fwd|chunk_|total|failed"
+        status=$((status | PIPESTATUS[0])) ;;
+    profile)
+        python3 benchmarks/train_throughput.py --profile 2>&1 | tee "$OUT/profile_run.log" | tail -40
+        status=$((status | PIPESTATUS[0])) ;;
     train | all)
         # shellcheck disable=SC2086
         python3 benchmarks/train_throughput.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_throughput.log" | tail -60
+        status=$((status | PIPESTATUS[0])) ;;&
+    multi | all)
+        python3 benchmarks/multi_gpu.py all --workdir /tmp/mg ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" | tail -60
         status=$((status | PIPESTATUS[0])) ;;
     esac
 done
