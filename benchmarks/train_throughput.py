@@ -638,6 +638,47 @@ def run_probe(args, clock: dict) -> int:
     return 0
 
 
+# Module types whose forward passes --profile times as ranges (the output layer by its name).
+PROFILED_MODULES = ("GatedDeltaNet2", "SelfAttention", "MLP", "RMSNorm", "LanguageModelEmbedding")
+RANGE_PREFIX = "forward: "
+
+
+def time_module_forwards(model) -> list:
+    """Wraps the forward of every module of a PROFILED_MODULES type (and the output layer) in a
+    record_function range named after its type; returns the hook handles."""
+    handles = []
+    for name, module in model.named_modules():
+        kind = "output layer" if name.endswith("output_layer") else type(module).__name__
+        if kind not in PROFILED_MODULES and kind != "output layer":
+            continue
+
+        def enter(mod, inputs, kind=kind):
+            mod._profile_range = torch.profiler.record_function(RANGE_PREFIX + kind)
+            mod._profile_range.__enter__()
+
+        def leave(mod, inputs, output):
+            mod._profile_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def module_table(events, steps: int, cuda: bool) -> list[str]:
+    """Time inside each module type's forward ranges per step (device time on a GPU: the span of
+    the range's kernels; CPU time otherwise). Recomputed forwards count again."""
+    rows = {}
+    for e in events:
+        if e.key.startswith(RANGE_PREFIX):
+            us = e.device_time_total if cuda else e.cpu_time_total
+            calls, total = rows.get(e.key, (0, 0.0))
+            rows[e.key] = (max(calls, e.count), max(total, us))
+    lines = [f"Forward time by module type ({'device' if cuda else 'CPU'} time; the backward is not split):",
+             "", "| module | calls/step | ms/step |", "|---|---|---|"]
+    for key, (calls, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {key[len(RANGE_PREFIX):]} | {calls / steps:g} | {us / 1e3 / steps:.2f} |")
+    return lines
+
+
 def run_profile(args, clock: dict) -> int:
     env = environment(args, None)
     for key, value in env.items():
@@ -645,6 +686,7 @@ def run_profile(args, clock: dict) -> int:
     point, trainer = synthetic_trainer(args.profile_point, "--profile-point", args)
     for _ in range(args.warmup):
         train_step(trainer)
+    time_module_forwards(trainer.bundle.module)
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = args.profile_steps
@@ -680,6 +722,7 @@ def run_profile(args, clock: dict) -> int:
         lines += [f"| {i + 1} | {e.self_device_time_total / 1e3 / steps:.2f} | "
                   f"{100 * e.self_device_time_total / max(total_us, 1):.1f} | {e.count / steps:g} | "
                   f"`{e.key[:120]}` |" for i, e in enumerate(kernels[:20])]
+    lines += ["", *module_table(events, steps, cuda)]
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", f"key_averages() sorted by {sort_by}:", "",
               events.table(sort_by=sort_by, row_limit=20, max_name_column_width=90)]

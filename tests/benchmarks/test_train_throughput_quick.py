@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_gdn2.configs import get_model_config
 from tests.shared_data import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,3 +98,20 @@ def test_full_attention_baseline_matches_the_hybrid_parameter_count():
         assert abs(ratio - 1) < 0.02, (size, ratio)
     with pytest.raises(ValueError, match="full_attn_<size>"):
         script.model_config("no_such_model", 64)
+
+
+def test_profile_splits_the_forward_by_module(tmp_path):
+    """--profile on the quick point: the summary has the forward time of each module type of the
+    hybrid model (the ranges come from forward hooks on the real model)."""
+    env = dict(os.environ, OUT=str(tmp_path), TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--profile"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = (tmp_path / "profile.txt").read_text()
+    row = re.compile(r"^\| ([\w ]+) \| ([0-9.]+) \| ([0-9.]+) \|$", re.MULTILINE)
+    rows = {m[1]: (float(m[2]), float(m[3])) for m in row.finditer(text)}
+    layers = get_model_config("swa_gdn2_tiny").layers  # the quick profile point's model
+    assert rows["GatedDeltaNet2"][0] == layers.count("G") and rows["SelfAttention"][0] == layers.count("A")
+    assert rows["MLP"][0] == len(layers) and rows["RMSNorm"][0] == 2 * len(layers) + 1, rows
+    assert rows["output layer"][0] == 1 and rows["LanguageModelEmbedding"][0] == 1, rows
+    assert all(ms > 0 for _, ms in rows.values()), rows
