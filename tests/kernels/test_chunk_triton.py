@@ -115,3 +115,9 @@ def test_gpu_strong_decay_long_sequence(dtype):
     tol = 1e-3 if dtype == torch.float32 else 1e-2
     assert rel_err(o, o_ref) < tol
     assert rel_err(s, s_ref) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_largest_key_dim_and_unequal_value_dim():
+    """K = 256 (the largest the API accepts) with V = 64: every tile size still fits the GPU."""
+    check_against_reference(1, 300, 2, 256, 64, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
