@@ -118,12 +118,17 @@ def parse_blend(value: str | Sequence[str] | None, name: str) -> Blend | None:
             f"{name}: cannot read {value!r} as 'weight prefix weight prefix ...' or 'prefix prefix ...'"
         )
     for prefix in prefixes:
-        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{name}: dataset '{prefix}' has no {' / '.join(prefix + m for m in missing)} "
-                "(give the prefix written by gdn2-preprocess, without .bin/.idx)"
-            )
+        for ext in (".bin", ".idx"):
+            path = Path(prefix + ext)
+            if not path.is_file():
+                raise FileNotFoundError(f"{name}: {path} does not exist (expected the {ext} file of a "
+                                        "dataset written by gdn2-preprocess; give the prefix without "
+                                        ".bin/.idx)")
+            try:
+                with path.open("rb") as fh:
+                    fh.read(1)
+            except OSError as err:
+                raise OSError(f"{name}: cannot read {path}: {err}") from err
     return prefixes, weights
 
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_gdn2.data.datasets import parse_blend
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -253,8 +255,10 @@ class PretrainConfig:
         if not self.data.train_data:
             raise ConfigError("no training data: pass --train-data PREFIX (or --train_data_dir DIR)")
         for flag, blend in (("--train-data", self.data.train_data), ("--valid-data", self.data.valid_data)):
-            for prefix in blend_prefixes(blend, flag):
-                check_indexed_dataset(prefix, flag)
+            try:
+                parse_blend(blend, flag)
+            except (ValueError, OSError) as err:
+                raise ConfigError(str(err)) from err
         if self.data.tokenizer is None:
             raise ConfigError("--tokenizer (or --tokenizer_path) is required: the tokenizer.json, "
                               "SentencePiece .model, or GPT-2 encoder.json + vocab.bpe directory the "
@@ -275,36 +279,3 @@ _NESTED = {
 def _positive(flag: str, value: int) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{flag} must be positive (got {value})")
-
-
-def blend_prefixes(blend: list[str], flag: str) -> list[str]:
-    """The dataset prefixes of a blend given as ``[p1, p2]`` or ``[w1, p1, w2, p2]``."""
-    if not blend:
-        return []
-
-    def is_number(s: str) -> bool:
-        try:
-            float(s)
-        except ValueError:
-            return False
-        return True
-
-    if is_number(blend[0]):
-        if len(blend) % 2 or not all(is_number(w) for w in blend[::2]):
-            raise ConfigError(f"{flag}: a weighted blend is 'WEIGHT PREFIX [WEIGHT PREFIX ...]' "
-                              f"(got {' '.join(blend)})")
-        return list(blend[1::2])
-    return list(blend)
-
-
-def check_indexed_dataset(prefix: str, flag: str) -> None:
-    for ext in (".bin", ".idx"):
-        path = Path(prefix + ext)
-        if not path.is_file():
-            raise ConfigError(f"{flag}: {path} does not exist (expected the {ext} file of a dataset "
-                              f"written by gdn2-preprocess)")
-        try:
-            with path.open("rb") as fh:
-                fh.read(1)
-        except OSError as e:
-            raise ConfigError(f"{flag}: cannot read {path}: {e}") from e
