@@ -121,3 +121,24 @@ def test_gpu_strong_decay_long_sequence(dtype):
 def test_gpu_largest_key_dim_and_unequal_value_dim():
     """K = 256 (the largest the API accepts) with V = 64: every tile size still fits the GPU."""
     check_against_reference(1, 300, 2, 256, 64, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
+
+
+def test_interpreter_recomputed_intra_tensors_give_the_same_gradients(monkeypatch):
+    """KernelConfig.recompute_intra (memory for time: the backward runs the per-chunk forward
+    kernels again instead of keeping their tensors) changes no number."""
+    import dataclasses
+
+    from gdn2_kernels.gdn2 import chunk
+
+    tensors = make_inputs(1, 80, 1, 16, 16, dtype=torch.float32, with_state=True, seed=9)
+    d_o = torch.randn(1, 80, 1, 16, dtype=torch.float64)
+    d_s = torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    kwargs = dict(scale=0.25, l2norm=True, cu_seqlens=None)
+    kept = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
+    default = chunk.kernel_config
+    monkeypatch.setattr(chunk, "kernel_config",
+                        lambda *a: dataclasses.replace(default(*a), recompute_intra=True))
+    recomputed = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
+    assert torch.equal(kept[0], recomputed[0]) and torch.equal(kept[1], recomputed[1])
+    for name, grad in kept[2].items():
+        assert torch.equal(grad, recomputed[2][name]), name
