@@ -15,7 +15,7 @@ chunk_intra_bwd_kernel (chunk, head, key block), sub-blocks i = 3..0:
 import triton
 import triton.language as tl
 
-from .chunk_common import chunk_coords, diag_factors_safe, load_row, load_tile, mm, mm_solve, store_tile
+from .chunk_common import chunk_program, diag_factors_safe, load_row, load_tile, mm, mm_solve, store_tile
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -26,9 +26,7 @@ def chunk_wy_bwd_kernel(
     N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     DT: tl.constexpr = y.dtype.element_ty
@@ -69,10 +67,8 @@ def chunk_state_grads_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     ck = tl.program_id(2) * BK
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     DT: tl.constexpr = do.dtype.element_ty
@@ -120,10 +116,8 @@ def chunk_intra_bwd_kernel(
     N, scale,
     H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     ck = tl.program_id(2) * BK
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     DT: tl.constexpr = q.dtype.element_ty

@@ -19,13 +19,16 @@ CHUNK = 64
 
 
 @triton.jit
-def chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk):
-    """Sequence index, first token, one-past-last token and chunk-local first row of chunk i_c."""
+def chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk):
+    """This program's chunk and head (grid axes 0 and 1), the chunk's sequence, that sequence's first
+    and one-past-last token, and the chunk's first row within the sequence. The sequence index is
+    N for the padding programs of a packed grid (callers return early)."""
+    i_c = tl.program_id(0)
     i_n = tl.load(seq_of_chunk + i_c)
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
     row0 = (i_c - tl.load(chunk_offsets + i_n)) * 64
-    return i_n, bos, eos, row0
+    return i_c, tl.program_id(1), i_n, bos, eos, row0
 
 
 @triton.jit

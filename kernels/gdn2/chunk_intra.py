@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (
-    chunk_coords,
+    chunk_program,
     diag_factors_safe,
     load_row,
     load_tile,
@@ -32,9 +32,7 @@ def chunk_cumsum_kernel(
     N,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     g += (bos * H + i_h) * K
@@ -56,10 +54,8 @@ def chunk_scores_kernel(
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
     T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i)."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     i_i = tl.program_id(2)
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     DT: tl.constexpr = q.dtype.element_ty
@@ -126,6 +122,15 @@ def _tblk(t, i, j):
     return load_tile(t, 64, i * 16, 64, j * 16, 64, 16, 16)
 
 
+@triton.jit
+def _store_block_row(ptr, i, b0, b1, b2, b3):
+    """Row i of 16x16 blocks of a chunk's 64x64 matrix."""
+    store_tile(ptr, 64, i * 16, 64, 0, 64, b0)
+    store_tile(ptr, 64, i * 16, 64, 16, 64, b1)
+    store_tile(ptr, 64, i * 16, 64, 32, 64, b2)
+    store_tile(ptr, 64, i * 16, 64, 48, 64, b3)
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_solve_kernel(
     t_in, a_out,
@@ -135,10 +140,8 @@ def chunk_solve_kernel(
 ):
     """A = (I + T)^-1 by blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj.
     All 16 blocks are written (zeros above the diagonal) so later kernels load A as one tile."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     H = tl.num_programs(1)
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     t_in += (i_c * H + i_h) * 64 * 64
@@ -162,22 +165,10 @@ def chunk_solve_kernel(
     r = tl.arange(0, 16)
     lower = r[:, None] >= r[None, :]
     zero = tl.zeros([16, 16], dtype=tl.float32)
-    store_tile(a_out, 64, 0, 64, 0, 64, tl.where(lower, I00, 0.0))
-    store_tile(a_out, 64, 0, 64, 16, 64, zero)
-    store_tile(a_out, 64, 0, 64, 32, 64, zero)
-    store_tile(a_out, 64, 0, 64, 48, 64, zero)
-    store_tile(a_out, 64, 16, 64, 0, 64, I10)
-    store_tile(a_out, 64, 16, 64, 16, 64, tl.where(lower, I11, 0.0))
-    store_tile(a_out, 64, 16, 64, 32, 64, zero)
-    store_tile(a_out, 64, 16, 64, 48, 64, zero)
-    store_tile(a_out, 64, 32, 64, 0, 64, I20)
-    store_tile(a_out, 64, 32, 64, 16, 64, I21)
-    store_tile(a_out, 64, 32, 64, 32, 64, tl.where(lower, I22, 0.0))
-    store_tile(a_out, 64, 32, 64, 48, 64, zero)
-    store_tile(a_out, 64, 48, 64, 0, 64, I30)
-    store_tile(a_out, 64, 48, 64, 16, 64, I31)
-    store_tile(a_out, 64, 48, 64, 32, 64, I32)
-    store_tile(a_out, 64, 48, 64, 48, 64, tl.where(lower, I33, 0.0))
+    _store_block_row(a_out, 0, tl.where(lower, I00, 0.0), zero, zero, zero)
+    _store_block_row(a_out, 1, I10, tl.where(lower, I11, 0.0), zero, zero)
+    _store_block_row(a_out, 2, I20, I21, tl.where(lower, I22, 0.0), zero)
+    _store_block_row(a_out, 3, I30, I31, I32, tl.where(lower, I33, 0.0))
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -189,9 +180,7 @@ def chunk_wy_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
     BVC: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_n, bos, eos, row0 = chunk_coords(i_c, cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     DT: tl.constexpr = q.dtype.element_ty
