@@ -50,10 +50,11 @@ def chunk_scores_kernel(
     q, k, b, G, aqk_out, t_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, OFFDIAG: tl.constexpr,
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
-    T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i)."""
+    T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s) (only the diagonal block (i, i) without
+    OFFDIAG: chunk_offdiag_solve_kernel computes the others); zeros in Aqk's blocks (i, j > i)."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     i_i = tl.program_id(2)
     if i_n >= N:
@@ -71,21 +72,22 @@ def chunk_scores_kernel(
     ri = row0 + li
 
     # earlier sub-blocks j through the row before sub-block i
-    for j in range(0, i_i):
-        a = tl.zeros([16, 16], dtype=tl.float32)
-        t = tl.zeros([16, 16], dtype=tl.float32)
-        for kc in range(0, K, BKC):
-            c = load_row(G, K, li - 1, 64, kc, K, BKC)
-            rf = tl.exp(load_tile(G, K, li, 64, kc, K, 16, BKC) - c[None, :])
-            ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
-            qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
-            er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
-            kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
-            kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
-            a += mm(qr, kf, DT)
-            t += mm(er, kf, DT)
-        store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
-        store_tile(t_out, 64, li, 64, j * 16, 64, t)
+    if OFFDIAG:
+        for j in range(0, i_i):
+            a = tl.zeros([16, 16], dtype=tl.float32)
+            t = tl.zeros([16, 16], dtype=tl.float32)
+            for kc in range(0, K, BKC):
+                c = load_row(G, K, li - 1, 64, kc, K, BKC)
+                rf = tl.exp(load_tile(G, K, li, 64, kc, K, 16, BKC) - c[None, :])
+                ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+                qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
+                er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
+                kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+                kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
+                a += mm(qr, kf, DT)
+                t += mm(er, kf, DT)
+            store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
+            store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
     # the diagonal sub-block
     r = tl.arange(0, 16)
@@ -131,37 +133,20 @@ def _store_block_row(ptr, i, b0, b1, b2, b3):
     store_tile(ptr, 64, i * 16, 64, 48, 64, b3)
 
 
-@triton.jit(do_not_specialize=["N"])
-def chunk_solve_kernel(
-    t_in, a_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
-    N,
-    DT: tl.constexpr,
-):
+@triton.jit
+def _invert_and_store(T00, T11, T22, T33, T10, T20, T30, T21, T31, T32, a_out, DT: tl.constexpr):
     """A = (I + T)^-1 by blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj.
     All 16 blocks are written (zeros above the diagonal) so later kernels load A as one tile."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
-    H = tl.num_programs(1)
-    if i_n >= N:
-        return
-    t_in += (i_c * H + i_h) * 64 * 64
-    a_out += (i_c * H + i_h) * 64 * 64
-    I00 = unit_lower_inverse(_tblk(t_in, 0, 0), DT)
-    I11 = unit_lower_inverse(_tblk(t_in, 1, 1), DT)
-    I22 = unit_lower_inverse(_tblk(t_in, 2, 2), DT)
-    I33 = unit_lower_inverse(_tblk(t_in, 3, 3), DT)
-    T10 = _tblk(t_in, 1, 0)
-    T21 = _tblk(t_in, 2, 1)
-    T32 = _tblk(t_in, 3, 2)
+    I00 = unit_lower_inverse(T00, DT)
+    I11 = unit_lower_inverse(T11, DT)
+    I22 = unit_lower_inverse(T22, DT)
+    I33 = unit_lower_inverse(T33, DT)
     I10 = -mm_exact(I11, mm_exact(T10, I00, DT), DT)
     I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
     I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
-    T20 = _tblk(t_in, 2, 0)
-    T31 = _tblk(t_in, 3, 1)
     I20 = -mm_exact(I22, mm_exact(T20, I00, DT) + mm_exact(T21, I10, DT), DT)
     I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
-    I30 = -mm_exact(I33, mm_exact(_tblk(t_in, 3, 0), I00, DT) + mm_exact(T31, I10, DT)
-                    + mm_exact(T32, I20, DT), DT)
+    I30 = -mm_exact(I33, mm_exact(T30, I00, DT) + mm_exact(T31, I10, DT) + mm_exact(T32, I20, DT), DT)
     r = tl.arange(0, 16)
     lower = r[:, None] >= r[None, :]
     zero = tl.zeros([16, 16], dtype=tl.float32)
@@ -169,6 +154,109 @@ def chunk_solve_kernel(
     _store_block_row(a_out, 1, I10, tl.where(lower, I11, 0.0), zero, zero)
     _store_block_row(a_out, 2, I20, I21, tl.where(lower, I22, 0.0), zero)
     _store_block_row(a_out, 3, I30, I31, I32, tl.where(lower, I33, 0.0))
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_solve_kernel(
+    t_in, a_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk,
+    N,
+    DT: tl.constexpr,
+):
+    """A = (I + T)^-1 from the ten lower 16x16 blocks of T written by chunk_scores_kernel."""
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    if i_n >= N:
+        return
+    H = tl.num_programs(1)
+    t_in += (i_c * H + i_h) * 64 * 64
+    _invert_and_store(_tblk(t_in, 0, 0), _tblk(t_in, 1, 1), _tblk(t_in, 2, 2), _tblk(t_in, 3, 3),
+                      _tblk(t_in, 1, 0), _tblk(t_in, 2, 0), _tblk(t_in, 3, 0), _tblk(t_in, 2, 1),
+                      _tblk(t_in, 3, 1), _tblk(t_in, 3, 2), a_out + (i_c * H + i_h) * 64 * 64, DT)
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_offdiag_solve_kernel(
+    q, k, b, G, t_in, aqk_out, a_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk,
+    N, scale,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
+):
+    """The six off-diagonal blocks of Aqk and T of a chunk (each sub-block i against the earlier ones
+    through the row before i, as chunk_scores_kernel does with OFFDIAG) held in registers, then
+    A = (I + T)^-1 with the diagonal blocks chunk_scores_kernel wrote: T's off-diagonal blocks never
+    reach memory and every sub-block's tiles are loaded once."""
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    if i_n >= N:
+        return
+    DT: tl.constexpr = q.dtype.element_ty
+    L = eos - bos
+    SK = H * K
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    b += (bos * H + i_h) * K
+    G += (i_c * H + i_h) * 64 * K
+    base = (i_c * H + i_h) * 64 * 64
+    A10 = tl.zeros([16, 16], dtype=tl.float32)
+    A20 = tl.zeros([16, 16], dtype=tl.float32)
+    A30 = tl.zeros([16, 16], dtype=tl.float32)
+    A21 = tl.zeros([16, 16], dtype=tl.float32)
+    A31 = tl.zeros([16, 16], dtype=tl.float32)
+    A32 = tl.zeros([16, 16], dtype=tl.float32)
+    T10 = tl.zeros([16, 16], dtype=tl.float32)
+    T20 = tl.zeros([16, 16], dtype=tl.float32)
+    T30 = tl.zeros([16, 16], dtype=tl.float32)
+    T21 = tl.zeros([16, 16], dtype=tl.float32)
+    T31 = tl.zeros([16, 16], dtype=tl.float32)
+    T32 = tl.zeros([16, 16], dtype=tl.float32)
+    for kc in range(0, K, BKC):
+        G0 = load_tile(G, K, 0, 64, kc, K, 16, BKC)
+        G1 = load_tile(G, K, 16, 64, kc, K, 16, BKC)
+        G2 = load_tile(G, K, 32, 64, kc, K, 16, BKC)
+        c1 = load_row(G, K, 15, 64, kc, K, BKC)[None, :]
+        c2 = load_row(G, K, 31, 64, kc, K, BKC)[None, :]
+        c3 = load_row(G, K, 47, 64, kc, K, BKC)[None, :]
+        k0 = load_tile(k, SK, row0, L, kc, K, 16, BKC).to(tl.float32)
+        k1 = load_tile(k, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32)
+        k2 = load_tile(k, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32)
+        # column operands k_j exp(c_i - G_j) (<= 1: row 16 i - 1 is at or after every row of j)
+        kf10 = tl.trans(k0 * tl.exp(c1 - G0))
+        kf20 = tl.trans(k0 * tl.exp(c2 - G0))
+        kf30 = tl.trans(k0 * tl.exp(c3 - G0))
+        kf21 = tl.trans(k1 * tl.exp(c2 - G1))
+        kf31 = tl.trans(k1 * tl.exp(c3 - G1))
+        kf32 = tl.trans(k2 * tl.exp(c3 - G2))
+        # row operands q_i exp(G_i - c_i) and e_i exp(G_i - c_i) (<= 1)
+        rf = tl.exp(G1 - c1)
+        q1 = load_tile(q, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32) * rf
+        e1 = load_tile(b, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32) * k1 * rf
+        A10 += mm(q1, kf10, DT)
+        T10 += mm(e1, kf10, DT)
+        rf = tl.exp(G2 - c2)
+        q2 = load_tile(q, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32) * rf
+        e2 = load_tile(b, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32) * k2 * rf
+        A20 += mm(q2, kf20, DT)
+        T20 += mm(e2, kf20, DT)
+        A21 += mm(q2, kf21, DT)
+        T21 += mm(e2, kf21, DT)
+        rf = tl.exp(load_tile(G, K, 48, 64, kc, K, 16, BKC) - c3)
+        k3 = load_tile(k, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32)
+        q3 = load_tile(q, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32) * rf
+        e3 = load_tile(b, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32) * k3 * rf
+        A30 += mm(q3, kf30, DT)
+        T30 += mm(e3, kf30, DT)
+        A31 += mm(q3, kf31, DT)
+        T31 += mm(e3, kf31, DT)
+        A32 += mm(q3, kf32, DT)
+        T32 += mm(e3, kf32, DT)
+    store_tile(aqk_out + base, 64, 16, 64, 0, 64, A10 * scale)
+    store_tile(aqk_out + base, 64, 32, 64, 0, 64, A20 * scale)
+    store_tile(aqk_out + base, 64, 32, 64, 16, 64, A21 * scale)
+    store_tile(aqk_out + base, 64, 48, 64, 0, 64, A30 * scale)
+    store_tile(aqk_out + base, 64, 48, 64, 16, 64, A31 * scale)
+    store_tile(aqk_out + base, 64, 48, 64, 32, 64, A32 * scale)
+    t_in += base
+    _invert_and_store(_tblk(t_in, 0, 0), _tblk(t_in, 1, 1), _tblk(t_in, 2, 2), _tblk(t_in, 3, 3),
+                      T10, T20, T30, T21, T31, T32, a_out + base, DT)
 
 
 @triton.jit(do_not_specialize=["N"])

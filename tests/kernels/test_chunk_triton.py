@@ -142,3 +142,32 @@ def test_interpreter_recomputed_intra_tensors_give_the_same_gradients(monkeypatc
     assert torch.equal(kept[0], recomputed[0]) and torch.equal(kept[1], recomputed[1])
     for name, grad in kept[2].items():
         assert torch.equal(grad, recomputed[2][name]), name
+
+
+def _fused_offdiag_solve(monkeypatch, **fields):
+    import dataclasses
+
+    from gdn2_kernels.gdn2 import chunk
+
+    default = chunk.kernel_config
+    monkeypatch.setattr(chunk, "kernel_config",
+                        lambda *a: dataclasses.replace(default(*a), fuse_offdiag_solve=True, **fields))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["two-chunks", "packed"])
+def test_interpreter_fused_offdiag_solve(monkeypatch, packed):
+    """KernelConfig.fuse_offdiag_solve (off-diagonal scores and the inverse in one program per
+    chunk) against the fp64 recurrence, on the shapes the default path is tested with above (two
+    16-wide key slices for the two-chunk case)."""
+    _fused_offdiag_solve(monkeypatch, offdiag_solve_bk=16)
+    if packed:
+        check_against_reference(1, 90, 1, 16, 16, torch.float32, "cpu", 1e-5, cu_seqlens=[0, 5, 75, 90],
+                                seed=3)
+    else:
+        check_against_reference(2, 100, 1, 32, 16, torch.float32, "cpu", 1e-5, g_min=-1.0, l2norm=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_offdiag_solve(monkeypatch):
+    _fused_offdiag_solve(monkeypatch)
+    check_against_reference(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
