@@ -94,8 +94,12 @@ class Job:
     mem_gb: tuple[float, float | None] = (0.0, None)
     seconds: float = 0.0
     error: str | None = None
-    profiled: bool = False  # its last steps ran under --profile (see scaling)
     profile: str | None = None  # the run's profile summary line
+
+    @property
+    def profiled(self) -> bool:
+        """Its last steps ran under --profile (see scaling)."""
+        return "--profile" in self.flags
 
 
 @dataclass
@@ -343,8 +347,6 @@ def run_scaling(args, workdir: Path, launcher: Launcher) -> tuple[list[str], boo
     jobs = [throughput_job(args, data, f"scaling {n} GPU", n, args.scaling_model, args.scaling_micro,
                             args.scaling_micro * n, overlap + profile_flags(args, workdir, f"profile {n}"))
             for n in counts]
-    for job in jobs:
-        job.profiled = True
     launcher.run(jobs, exclusive=True)
     base = steady_rate(jobs[0])
     lines = [f"## Data-parallel weak scaling: {args.scaling_model}, {args.seq} x {args.scaling_micro} "

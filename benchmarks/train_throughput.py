@@ -73,7 +73,6 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from megatron_gdn2.configs import SWA_BLOCK, count_parameters, get_model_config, layer_parameters
@@ -91,6 +90,7 @@ from megatron_gdn2.training.metrics import ProgressMeter, format_duration, memor
 from megatron_gdn2.training.model_setup import build_model_bundle, padded_vocab_size
 from megatron_gdn2.training.optimizer import build_optimizer, build_scheduler
 from megatron_gdn2.training.pretrain import configure_logging
+from megatron_gdn2.training.profiling import is_gpu_kernel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_ATTENTION_PREFIX = "full_attn_"
@@ -643,10 +643,9 @@ PROFILED_MODULES = ("GatedDeltaNet2", "SelfAttention", "MLP", "RMSNorm", "Langua
 RANGE_PREFIX = "forward: "
 
 
-def time_module_forwards(model) -> list:
+def time_module_forwards(model) -> None:
     """Wraps the forward of every module of a PROFILED_MODULES type (and the output layer) in a
-    record_function range named after its type; returns the hook handles."""
-    handles = []
+    record_function range named after its type, for the rest of the process."""
     for name, module in model.named_modules():
         kind = "output layer" if name.endswith("output_layer") else type(module).__name__
         if kind not in PROFILED_MODULES and kind != "output layer":
@@ -659,8 +658,8 @@ def time_module_forwards(model) -> list:
         def leave(mod, inputs, output):
             mod._profile_range.__exit__(None, None, None)
 
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    return handles
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
 
 
 def module_table(events, steps: int, cuda: bool) -> list[str]:
@@ -670,6 +669,8 @@ def module_table(events, steps: int, cuda: bool) -> list[str]:
     for e in events:
         if e.key.startswith(RANGE_PREFIX):
             us = e.device_time_total if cuda else e.cpu_time_total
+            # on a GPU a range is listed twice, as its host-side event and as its device-side
+            # annotation: keep the larger of the two
             calls, total = rows.get(e.key, (0, 0.0))
             rows[e.key] = (max(calls, e.count), max(total, us))
     lines = [f"Forward time by module type ({'device' if cuda else 'CPU'} time; the backward is not split):",
@@ -705,11 +706,7 @@ def run_profile(args, clock: dict) -> int:
     lines = [f"# Profile: {point.model} {point.label}, {steps} steps, {env['device']}", "",
              f"wall time per step (profiler on): {wall_ms:.1f} ms"]
     if cuda:
-        # device-side ranges of record_function annotations (ProfilerStep#, Optimizer.step#...)
-        # span many kernels: counting them would count those kernels twice
-        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA
-                          and not getattr(e, "is_user_annotation", False)
-                          and not e.key.startswith("ProfilerStep")),
+        kernels = sorted((e for e in events if is_gpu_kernel(e)),
                          key=lambda e: e.self_device_time_total, reverse=True)
         total_us = sum(e.self_device_time_total for e in kernels)
         lines.append(f"kernel time per step: {total_us / 1e3 / steps:.1f} ms "

@@ -36,10 +36,17 @@ def covered_time(intervals: list[tuple[float, float]], cover: list[tuple[float, 
     return total
 
 
+def is_gpu_kernel(event) -> bool:
+    """A GPU kernel of a profile (an event or an averaged row), not the device-side range of a
+    record_function annotation (ProfilerStep#, Optimizer.step#, ...): those span many kernels and
+    counting them would count the kernels twice."""
+    return (event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and not event.key.startswith("ProfilerStep"))
+
+
 def kernel_summary(events, steps: int) -> str:
     """The summary line from a finished profile's events (see the module docstring)."""
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0
-               and not getattr(e, "is_user_annotation", False)]
+    kernels = [e for e in events if is_gpu_kernel(e) and e.time_range.elapsed_us() > 0]
     if not kernels:
         return "no GPU kernels recorded"
     comm, compute = [], []

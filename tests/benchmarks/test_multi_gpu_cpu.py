@@ -68,7 +68,6 @@ def test_scaling_job_profile_is_read_back(tmp_path):
                           "4", "--throughput-log-interval", "1", "--corpus-docs", "200"])
     job = mg.throughput_job(args, mg.data_flags(args, work), "scaling 1 rank", 1, "swa_gdn2_tiny", 2, 2,
                             mg.profile_flags(args, work, "profile 1"))
-    job.profiled = True
     mg.Launcher(args, work, deadline=time.monotonic() + 200).run([job])
     assert job.error is None, mg.failure_excerpt(job.log)
     assert job.profile == "no GPU kernels recorded", job.log.read_text()[-2000:]  # CPU: no GPU kernels
