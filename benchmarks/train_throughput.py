@@ -692,7 +692,8 @@ def run_profile(args, clock: dict) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps = args.profile_steps
     log(f"profiling {steps} steps of {point.model} {point.label}")
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+    with profile(activities=activities, record_shapes=True,
+                 schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         train_step(trainer)
         prof.step()
         synchronize()
@@ -722,7 +723,10 @@ def run_profile(args, clock: dict) -> int:
     lines += ["", *module_table(events, steps, cuda)]
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", f"key_averages() sorted by {sort_by}:", "",
-              events.table(sort_by=sort_by, row_limit=20, max_name_column_width=90)]
+              events.table(sort_by=sort_by, row_limit=20, max_name_column_width=90),
+              "", "By operator and input shapes (to attribute elementwise work):", "",
+              prof.key_averages(group_by_input_shape=True).table(
+                  sort_by=sort_by, row_limit=40, max_name_column_width=40, max_shapes_column_width=110)]
     text = "\n".join(lines) + "\n"
     log(text)
     write_output("profile.txt", text)
