@@ -22,6 +22,7 @@ from .chunk_bwd import chunk_intra_bwd_kernel, chunk_state_grads_kernel, chunk_w
 from .chunk_common import CHUNK, next_pow2
 from .chunk_intra import (
     chunk_cumsum_kernel,
+    chunk_intra_fwd_kernel,
     chunk_offdiag_solve_kernel,
     chunk_scores_kernel,
     chunk_solve_kernel,
@@ -44,6 +45,11 @@ class KernelConfig:
     fuse_offdiag_solve: bool = False
     offdiag_solve_bk: int = 32
     offdiag_solve_warps: int = 4
+    # cumsum, every score block and the inverse in one program per chunk and head (one launch
+    # instead of three; to be measured against the two above)
+    fuse_intra_fwd: bool = False
+    intra_fwd_bk: int = 32
+    intra_fwd_warps: int = 4
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
@@ -161,9 +167,29 @@ def _intra(q, k, v, g, b, w, scale, idx):
     }
     coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
     grid = (idx.n_chunks, H)
+    if cfg.fuse_intra_fwd:
+        chunk_intra_fwd_kernel[grid](q, k, b, g, out["G"], out["gc"], out["aqk"], out["a"], *coords, idx.N,
+                                     scale, H=H, K=K, BK=idx.BK, BKC=min(idx.BK, cfg.intra_fwd_bk),
+                                     num_warps=cfg.intra_fwd_warps)
+    else:
+        _split_intra(q, k, b, g, scale, idx, out, coords)
+    chunk_wy_fwd_kernel[grid](
+        q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
+        *coords, idx.N, scale,
+        H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk), BVC=min(idx.BV, cfg.wy_fwd_bv),
+        num_warps=cfg.wy_fwd_warps,
+    )
+    return out
+
+
+def _split_intra(q, k, b, g, scale, idx, out, coords):
+    """G, G_C, Aqk and A by the cumsum, scores and solve launches."""
+    H, K = q.shape[2], q.shape[3]
+    cfg = idx.cfg
+    grid = (idx.n_chunks, H)
     chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
                               H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
-    t = q.new_empty(rows, CHUNK, dtype=f32)
+    t = q.new_empty(idx.n_chunks * H * CHUNK, CHUNK, dtype=torch.float32)
     fused = cfg.fuse_offdiag_solve
     chunk_scores_kernel[(idx.n_chunks, H, 4)](
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
@@ -178,13 +204,6 @@ def _intra(q, k, v, g, b, w, scale, idx):
     else:
         chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype),
                                  num_warps=cfg.solve_warps)
-    chunk_wy_fwd_kernel[grid](
-        q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
-        *coords, idx.N, scale,
-        H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk), BVC=min(idx.BV, cfg.wy_fwd_bv),
-        num_warps=cfg.wy_fwd_warps,
-    )
-    return out
 
 
 def _tl_dtype(dtype):

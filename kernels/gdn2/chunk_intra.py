@@ -298,3 +298,134 @@ def chunk_wy_fwd_kernel(
         z = (load_tile(w, SV, row0, L, vc, V, 64, BVC).to(tl.float32)
              * load_tile(v, SV, row0, L, vc, V, 64, BVC).to(tl.float32))
         store_tile(u_out + base * V, V, 0, 64, vc, V, mm_solve(A, z, DT))
+
+
+@triton.jit
+def _row(x, i):
+    """Row i of a [16, BKC] register tile as a [BKC] vector."""
+    return tl.sum(tl.where(tl.arange(0, 16)[:, None] == i, x, 0.0), 0)
+
+
+@triton.jit
+def _diag_block(qi, ei, ki, Gi, DT: tl.constexpr):
+    """One key slice's share of a diagonal sub-block of Aqk and T (upper triangle not masked), from
+    register tiles: through the middle row on tensor cores when diag_factors_safe, else exact
+    column by column."""
+    Gm = _row(Gi, 7)
+    if diag_factors_safe(Gi, Gm):
+        rf = tl.exp(Gi - Gm[None, :])
+        kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
+        a = mm(qi * rf, kf, DT)
+        t = mm(ei * rf, kf, DT)
+    else:
+        r = tl.arange(0, 16)
+        a = tl.zeros([16, 16], dtype=tl.float32)
+        t = tl.zeros([16, 16], dtype=tl.float32)
+        for s in range(0, 16):
+            kf = _row(ki, s)[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - _row(Gi, s)[None, :],
+                                                        float("-inf")))
+            col = r[None, :] == s
+            a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
+            t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
+    return a, t
+
+
+@triton.jit
+def _sub_block(q, k, b, g, G_out, row0, L, li, kc, carry,
+               SK: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr):
+    """Sub-block tiles starting at chunk row li: G (cumsum of g continuing from `carry`, the G of
+    the row before; also stored), q, k and e = b k, all fp32 [16, BKC]."""
+    G = tl.cumsum(load_tile(g, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32), 0) + carry[None, :]
+    store_tile(G_out, K, li, 64, kc, K, G)
+    k_ = load_tile(k, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32)
+    q_ = load_tile(q, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32)
+    e_ = load_tile(b, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32) * k_
+    return G, q_, k_, e_
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_intra_fwd_kernel(
+    q, k, b, g, G_out, gc_out, aqk_out, a_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk,
+    N, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
+):
+    """One program per chunk and head: G = cumsum(g) and G_C, all ten blocks of Aqk and T in
+    registers (off-diagonal ones through the row before the later block, as chunk_scores_kernel),
+    then A = (I + T)^-1. Replaces the cumsum, scores and solve launches; T never reaches memory."""
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    if i_n >= N:
+        return
+    DT: tl.constexpr = q.dtype.element_ty
+    L = eos - bos
+    SK = H * K
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    b += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    base = (i_c * H + i_h) * 64
+    G_out += base * K
+    A00 = tl.zeros([16, 16], dtype=tl.float32)
+    A10, A11, A20, A21, A22, A30, A31, A32, A33 = A00, A00, A00, A00, A00, A00, A00, A00, A00
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = A00, A00, A00, A00, A00, A00, A00, A00, A00, A00
+    for kc in range(0, BK, BKC):
+        G0, q0, k0, e0 = _sub_block(q, k, b, g, G_out, row0, L, 0, kc, tl.zeros([BKC], dtype=tl.float32),
+                                    SK, K, BKC)
+        a, t = _diag_block(q0, e0, k0, G0, DT)
+        A00 += a
+        T00 += t
+
+        c = _row(G0, 15)[None, :]
+        G1, q1, k1, e1 = _sub_block(q, k, b, g, G_out, row0, L, 16, kc, _row(G0, 15), SK, K, BKC)
+        a, t = _diag_block(q1, e1, k1, G1, DT)
+        A11 += a
+        T11 += t
+        rf = tl.exp(G1 - c)
+        kf = tl.trans(k0 * tl.exp(c - G0))
+        A10 += mm(q1 * rf, kf, DT)
+        T10 += mm(e1 * rf, kf, DT)
+
+        c = _row(G1, 15)[None, :]
+        G2, q2, k2, e2 = _sub_block(q, k, b, g, G_out, row0, L, 32, kc, _row(G1, 15), SK, K, BKC)
+        a, t = _diag_block(q2, e2, k2, G2, DT)
+        A22 += a
+        T22 += t
+        rf = tl.exp(G2 - c)
+        qr, er = q2 * rf, e2 * rf
+        kf = tl.trans(k0 * tl.exp(c - G0))
+        A20 += mm(qr, kf, DT)
+        T20 += mm(er, kf, DT)
+        kf = tl.trans(k1 * tl.exp(c - G1))
+        A21 += mm(qr, kf, DT)
+        T21 += mm(er, kf, DT)
+
+        c = _row(G2, 15)[None, :]
+        G3, q3, k3, e3 = _sub_block(q, k, b, g, G_out, row0, L, 48, kc, _row(G2, 15), SK, K, BKC)
+        a, t = _diag_block(q3, e3, k3, G3, DT)
+        A33 += a
+        T33 += t
+        rf = tl.exp(G3 - c)
+        qr, er = q3 * rf, e3 * rf
+        kf = tl.trans(k0 * tl.exp(c - G0))
+        A30 += mm(qr, kf, DT)
+        T30 += mm(er, kf, DT)
+        kf = tl.trans(k1 * tl.exp(c - G1))
+        A31 += mm(qr, kf, DT)
+        T31 += mm(er, kf, DT)
+        kf = tl.trans(k2 * tl.exp(c - G2))
+        A32 += mm(qr, kf, DT)
+        T32 += mm(er, kf, DT)
+        # padding channels (K < BK) get G_C = 0: the state kernels read all BK entries
+        tl.store(gc_out + (i_c * H + i_h) * BK + kc + tl.arange(0, BKC), _row(G3, 15))
+
+    r = tl.arange(0, 16)
+    lower = r[:, None] >= r[None, :]
+    strict = r[:, None] > r[None, :]
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    aqk_out += base * 64
+    _store_block_row(aqk_out, 0, tl.where(lower, A00, 0.0) * scale, zero, zero, zero)
+    _store_block_row(aqk_out, 1, A10 * scale, tl.where(lower, A11, 0.0) * scale, zero, zero)
+    _store_block_row(aqk_out, 2, A20 * scale, A21 * scale, tl.where(lower, A22, 0.0) * scale, zero)
+    _store_block_row(aqk_out, 3, A30 * scale, A31 * scale, A32 * scale, tl.where(lower, A33, 0.0) * scale)
+    _invert_and_store(tl.where(strict, T00, 0.0), tl.where(strict, T11, 0.0), tl.where(strict, T22, 0.0),
+                      tl.where(strict, T33, 0.0), T10, T20, T30, T21, T31, T32, a_out + base * 64, DT)
