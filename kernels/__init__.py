@@ -2,6 +2,6 @@
 
 Depends only on torch and triton.
 """
-from .gdn2 import chunk_gdn2, fused_recurrent_gdn2, naive_recurrent_gdn2
+from .gdn2 import L2NORM_EPS, chunk_gdn2, fused_recurrent_gdn2, naive_recurrent_gdn2
 
-__all__ = ["chunk_gdn2", "fused_recurrent_gdn2", "naive_recurrent_gdn2"]
+__all__ = ["L2NORM_EPS", "chunk_gdn2", "fused_recurrent_gdn2", "naive_recurrent_gdn2"]

@@ -5,7 +5,7 @@ From hidden x (width d), H key heads of d_k and H_v value heads of d_v (H_v a mu
     q, k, v = silu(conv4(W_q x)), silu(conv4(W_k x)), silu(conv4(W_v x))   depthwise causal conv
     g = -exp(A_log[head]) * softplus(W_f2 W_f1 x + dt_bias)                 fp32, rank r_f
     b = sigmoid(W_b x) (x 2 with allow_neg_eigval),  w = sigmoid(W_w x)
-    o = chunk_gdn2(q, k, v, g, b, w)     q, k L2-normalised in the kernel; q, k, g, b repeated
+    o = chunk_gdn2(q, k, v, g, b, w)     q, k L2-normalised first; q, k, g, b repeated
                                          over each group of H_v / H value heads
     y = W_o(RMSNorm_per_head(o) * silu(W_g2 W_g1 x + bias))                  rank r_g
 
@@ -60,6 +60,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from megatron_gdn2.layers.gdn2_pointwise import gated_norm_output, mixer_inputs, positions_in_sequence
 from megatron_gdn2.layers.params import new_parameter
 from megatron_gdn2.layers.sharding import own_parameters_sharded, split_by_role
 
@@ -84,27 +85,6 @@ def initialized_by_mixer(weight: torch.Tensor) -> None:
     """init_method for the Megatron linears of the mixer: GatedDeltaNet2.reset_parameters fills them,
     since the fused in_proj needs a different Xavier bound per role, which a shape-only init
     method cannot know."""
-
-
-def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor,
-                            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """y[t, c] = sum_j weight[c, K-1-j] * x[t-j, c] for x [B, T, C], weight [C, K]; taps before the
-    start of the sequence read zeros, also at every packed-sequence boundary in `cu_seqlens`."""
-    _, length, channels = x.shape
-    kernel = weight.shape[1]
-    y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), padding=kernel - 1,
-                 groups=channels)[..., :length].transpose(1, 2)
-    if cu_seqlens is None or cu_seqlens.numel() <= 2:
-        return y
-    # Remove the taps that reached into the previous sequence: at most K-1 positions per boundary.
-    positions = torch.arange(length, device=x.device)
-    starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
-    offset_in_sequence = positions - starts
-    for shift in range(1, kernel):
-        crossed = positions[(offset_in_sequence < shift) & (positions >= shift)]
-        leaked = x.index_select(1, crossed - shift) * weight[:, kernel - 1 - shift]
-        y = y.index_add(1, crossed, -leaked)
-    return y
 
 
 class LowRankColumnParallel(MegatronModule):
@@ -153,9 +133,9 @@ class LowRankColumnParallel(MegatronModule):
 
 
 class HeadwiseGatedRMSNorm(torch.nn.Module):
-    """RMSNorm over each head's d_v channels with one weight shared by all heads (statistics in
-    fp32), times silu(gate). Each rank holds some heads, so the weight's gradient is summed over the
-    TP group."""
+    """RMSNorm over each head's d_v channels with one weight shared by all heads, times silu(gate)
+    (gdn2_pointwise.gated_norm_output). Each rank holds some heads, so the weight's gradient is
+    summed over the TP group."""
 
     def __init__(self, config, head_dim: int, eps: float, tp_group):
         super().__init__()
@@ -164,8 +144,9 @@ class HeadwiseGatedRMSNorm(torch.nn.Module):
         self.weight = new_parameter(config, head_dim, fill=1.0)
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """o [b, s, heads, d], gate [s, b, heads * d] -> [s, b, heads * d]."""
         weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-        return F.rms_norm(o, (o.shape[-1],), weight.to(o.dtype), self.eps) * F.silu(gate.to(o.dtype))
+        return gated_norm_output(o, gate, weight, self.eps)
 
 
 def check_gdn2_shapes(config, tp_size: int) -> None:
@@ -261,36 +242,24 @@ class GatedDeltaNet2(MegatronModule):
             raise NotImplementedError("GatedDeltaNet2 has no Megatron inference path; generate with the "
                                       "exported Hugging Face model")
         cu_seqlens = self._packed_boundaries(packed_seq_params)
-        projected, _ = self.in_proj(hidden_states)
-        projected = projected.transpose(0, 1)  # [b, s, .] for the kernel
-        batch, seq_len = projected.shape[:2]
+        projected, _ = self.in_proj(hidden_states)  # [s, b, .]
+        seq_len, batch = projected.shape[:2]
         kd, vd = self.local_key_dim, self.local_value_dim
         qkv, erase_logits, write_logits = projected.split([2 * kd + vd, kd, vd], dim=-1)
-        qkv = F.silu(causal_depthwise_conv1d(qkv, self.conv_weight, cu_seqlens))
-        q, k, v = qkv.split([kd, kd, vd], dim=-1)
-
-        decay = self.decay_proj(hidden_states).transpose(0, 1).float()
-        rate = self.A_log.float().exp().repeat_interleave(self.head_k_dim)
-        g = -rate * F.softplus(decay + self.dt_bias.float())
-        erase = (torch.sigmoid(erase_logits.float()) * self.erase_scale).to(q.dtype)
-        write = torch.sigmoid(write_logits.float()).to(q.dtype)
-
-        key_heads = (batch, seq_len, self.local_heads, self.head_k_dim)
-        q, k, g, erase = (x.reshape(key_heads) for x in (q, k, g, erase))
+        q, k, v, g, erase, write = mixer_inputs(
+            qkv, self.conv_weight, positions_in_sequence(seq_len, batch, cu_seqlens, qkv.device),
+            self.decay_proj(hidden_states), self.A_log, self.dt_bias, erase_logits, write_logits,
+            self.erase_scale, self.head_k_dim, self.head_v_dim)
         group = self.local_v_heads // self.local_heads
         if group > 1:
             q, k, g, erase = (x.repeat_interleave(group, dim=2) for x in (q, k, g, erase))
-        value_heads = (batch, seq_len, self.local_v_heads, self.head_v_dim)
         out, _ = gdn2_kernels.chunk_gdn2(
-            q, k, v.reshape(value_heads), g, erase, write.reshape(value_heads), scale=None,
-            initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=True,
+            q, k, v, g, erase, write, scale=None, initial_state=None, output_final_state=False,
+            use_qk_l2norm_in_kernel=False,  # mixer_inputs normalised q and k
             cu_seqlens=cu_seqlens, backend=self.kernel_backend,
             # g <= 0 by construction and Megatron built cu_seqlens: no per-step GPU sync.
             check_values=False)
-
-        gate = self.gate_proj(hidden_states).transpose(0, 1).reshape(value_heads)
-        out = self.out_norm(out, gate).reshape(batch, seq_len, vd)
-        return self.out_proj(out.transpose(0, 1).contiguous())
+        return self.out_proj(self.out_norm(out, self.gate_proj(hidden_states)))
 
     @staticmethod
     def _packed_boundaries(packed_seq_params: PackedSeqParams | None) -> torch.Tensor | None:

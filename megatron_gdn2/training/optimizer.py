@@ -49,7 +49,61 @@ def build_optimizer(cfg: PretrainConfig, model_chunks: list, *, bf16: bool):
     )
     no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="gdn2_no_weight_decay", fn=lambda param, name: not uses_weight_decay(name, param)))
-    return get_megatron_optimizer(opt_config, model_chunks, config_overrides={no_decay: {"wd_mult": 0.0}})
+    optimizer = get_megatron_optimizer(opt_config, model_chunks,
+                                       config_overrides={no_decay: {"wd_mult": 0.0}})
+    fuse_adamw(optimizer)
+    if torch.cuda.is_available():
+        _use_foreach_grad_norm()
+    return optimizer
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """The global L2 norm of tensor_lists[0] as a [1] tensor on their device, with the calling
+    convention of amp_C.multi_tensor_l2norm, in three launches and without a host sync."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, device="cuda"), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _use_foreach_grad_norm() -> None:
+    """Without Transformer Engine or apex, Megatron's gradient clipping falls back to a norm that
+    reads every gradient's norm to the host one by one (~200 GPU syncs per step for a 1.3B model,
+    the H200 profile in benchmarks/RESULTS.md); give it foreach_l2_norm instead. A no-op when a
+    fused implementation was found."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+
+
+def fuse_adamw(optimizer, device_types=("cuda",)) -> None:
+    """Switches the torch AdamW inside Megatron's optimizer to its fused kernel (one launch per
+    parameter group instead of torch's default multi-tensor passes; without Transformer Engine or
+    apex Megatron builds the default one) when every parameter is on one of `device_types`.
+
+    Fused AdamW wants its step counters on the parameters' device; Megatron's checkpoint loading
+    may leave them on the CPU, so a pre-step hook moves any that are not."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if not isinstance(adam, torch.optim.AdamW):
+            continue
+        params = [p for group in adam.param_groups for p in group["params"]]
+        if not params or any(p.device.type not in device_types for p in params):
+            continue
+        for group in adam.param_groups:
+            group["fused"], group["foreach"] = True, False
+        adam.register_step_pre_hook(_steps_on_device)
+
+
+def _steps_on_device(adam, args, kwargs) -> None:
+    for param, state in adam.state.items():
+        step = state.get("step")
+        if step is not None and (not torch.is_tensor(step) or step.device != param.device
+                                 or step.dtype != torch.float32):
+            state["step"] = torch.as_tensor(step, dtype=torch.float32, device=param.device)
 
 
 def build_scheduler(cfg: PretrainConfig, optimizer) -> OptimizerParamScheduler:

@@ -191,7 +191,8 @@ def _fused_intra_fwd(monkeypatch, **fields):
         (1, 90, 1, 16, 16, -1.0, [0, 5, 75, 90]),  # packed
     ],
 )
-def test_interpreter_fused_intra_fwd(monkeypatch, batch, length, heads, key_dim, value_dim, g_min, cu_seqlens):
+def test_interpreter_fused_intra_fwd(monkeypatch, batch, length, heads, key_dim, value_dim, g_min,
+                                     cu_seqlens):
     """KernelConfig.fuse_intra_fwd (cumsum, scores and inverse in one program per chunk) against
     the fp64 recurrence."""
     _fused_intra_fwd(monkeypatch, intra_fwd_bk=16)
