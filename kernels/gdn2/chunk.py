@@ -80,11 +80,19 @@ CONFIGS = {
 FP32_OVERRIDES = {"wy_bwd_bv": 32}
 
 
-def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+# keys wider than 128: the sequential state kernels hold [64, K] tiles of three operands; at K = 256
+# with 64-wide value blocks and two pipeline stages they need 319 KB of shared memory on the H200
+WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_stages": 1}
+
+
+def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                  key_dim: int = 128) -> KernelConfig:
     cfg = KernelConfig()
     if device.type == "cuda":
         cfg = CONFIGS.get(torch.cuda.get_device_capability(device)[0], cfg)
-    return replace(cfg, **FP32_OVERRIDES) if dtype == torch.float32 else cfg
+    if dtype == torch.float32:
+        cfg = replace(cfg, **FP32_OVERRIDES)
+    return replace(cfg, **WIDE_KEY_OVERRIDES) if key_dim > 128 else cfg
 
 
 @dataclass
@@ -123,7 +131,8 @@ class ChunkIndex:
             grid_ids = torch.arange(n_chunks, device=dev, dtype=torch.int32)
             seq_of_chunk = (torch.searchsorted(chunk_offsets, grid_ids, right=True) - 1).to(torch.int32)
         return cls(cu, chunk_offsets, seq_of_chunk, n_seq, n_chunks,
-                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]), kernel_config(dev, q.dtype))
+                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]),
+                   kernel_config(dev, q.dtype, q.shape[-1]))
 
 
 def _scratch(size, align, stream):
