@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
 # the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
@@ -125,14 +125,36 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size
+
+
 @functools.lru_cache(maxsize=32)
 def sliding_window_block_mask(seq_len: int, window: int, device: torch.device) -> BlockMask:
     """The block mask of a causal window over `seq_len` tokens, broadcast over batch and heads.
-    Cached, so every layer and step gets the same object: the compiled flex_attention guards on it
-    and never recompiles. On a GPU the mask construction is compiled too, so it never materialises
-    the [T, T] mask (eager create_block_mask does)."""
-    build = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
-    return build(sliding_window_mask_mod(window), None, None, seq_len, seq_len, device=device)
+
+    Built from the window's block structure: a (query block, key block) tile is full when every
+    q - k of it lies in [0, window), skipped when none does, else partial (mask_mod applied).
+    create_block_mask would evaluate the mask over all T x T pairs (compiled per sequence length
+    on a GPU; the 16K first step took 145 s, benchmarks/RESULTS.md). Cached, so every layer and
+    step gets the same object and the compiled flex_attention never recompiles for it."""
+    n = -(-seq_len // FLEX_BLOCK)
+    first = torch.arange(n, device=device) * FLEX_BLOCK
+    last = torch.clamp(first + FLEX_BLOCK - 1, max=seq_len - 1)
+    lowest = first[:, None] - last[None, :]  # smallest q - k of the block's real pairs
+    highest = last[:, None] - first[None, :]
+    # the last block's rows past seq_len count as masked pairs, so a block holding them is partial
+    whole = last - first == FLEX_BLOCK - 1
+    full = (lowest >= 0) & (highest < window) & whole[:, None] & whole[None, :]
+    partial = (highest >= 0) & (lowest < window) & ~full
+
+    def as_indices(mask):
+        # per query block: how many key blocks, and their indices first (stable: ascending)
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+        return mask.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=sliding_window_mask_mod(window),
+                                    seq_lengths=(seq_len, seq_len))
 
 
 class FlexSlidingWindowAttention(SlidingWindowCoreAttention):

@@ -83,6 +83,26 @@ def test_core_attention_matches_dense_reference(impl, seq_len, window):
         assert _rel(grad, leaf.grad) < 1e-5
 
 
+@pytest.mark.parametrize("seq_len, window", [(1000, 257), (1024, 256), (640, 128), (300, 130), (129, 1)])
+def test_block_mask_matches_torch_construction(seq_len, window):
+    """The block mask built from the window's block structure equals create_block_mask's evaluation
+    of the same mask_mod over every pair: same partial and full blocks per query block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from megatron_gdn2.layers.swa import sliding_window_block_mask, sliding_window_mask_mod
+
+    ours = sliding_window_block_mask(seq_len, window, torch.device("cpu"))
+    ref = create_block_mask(sliding_window_mask_mod(window), None, None, seq_len, seq_len, device="cpu")
+    for field in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+    for num, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        counts = getattr(ref, num)[0, 0]
+        for row, count in enumerate(counts.tolist()):
+            assert sorted(getattr(ours, indices)[0, 0, row, :count].tolist()) == \
+                sorted(getattr(ref, indices)[0, 0, row, :count].tolist()), (indices, row)
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+
+
 class _ShapeRecorder(TorchDispatchMode):
     """Records the shape of every tensor an aten op returns."""
 
