@@ -11,23 +11,11 @@ inputs (or the out_proj input) once.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from gdn2_kernels import L2NORM_EPS
 
-
-def compiled_on_gpu(fn):
-    """fn compiled for CUDA tensors (one graph per shape: a run repeats one shape; packed-sequence
-    boundaries are tensor values, so they never recompile), eager otherwise."""
-    compiled = torch.compile(fn, dynamic=False)
-
-    @functools.wraps(fn)
-    def call(*args):
-        return compiled(*args) if args[0].is_cuda else fn(*args)
-
-    return call
+from megatron_gdn2.layers.compiled import compiled_on_gpu
 
 
 def positions_in_sequence(seq_len: int, batch: int, cu_seqlens: torch.Tensor | None,

@@ -23,9 +23,12 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from megatron_gdn2.layers.compiled import compiled_on_gpu
 
 SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
 # the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
@@ -56,6 +59,11 @@ class SlidingWindowCoreAttention(MegatronModule):
             raise ValueError(f"{name} has no attention dropout, got attention_dropout={self.dropout}; "
                              f"use swa_attention_impl='sdpa'")
 
+    # RoPE frequencies [s, 1, 1, d] set by RotaryInCoreSelfAttention for each forward (None: the
+    # caller applied RoPE). Kept after the call: a recomputed core attention (selective
+    # recompute) runs again in the backward with the same sequence length, hence the same value.
+    rotary_pos_emb = None
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads * d]. The mask
@@ -67,7 +75,13 @@ class SlidingWindowCoreAttention(MegatronModule):
         if key.shape[0] != seq_len:
             raise ValueError(f"sliding-window attention needs as many keys as queries, got {key.shape[0]} "
                              f"keys for {seq_len} queries")
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if self.rotary_pos_emb is None:
+            q, k = (x.permute(1, 2, 0, 3) for x in (query, key))
+        else:
+            q_freqs, k_freqs = (self.rotary_pos_emb if isinstance(self.rotary_pos_emb, tuple)
+                                else (self.rotary_pos_emb,) * 2)
+            q, k = rotary_heads_first(query, q_freqs), rotary_heads_first(key, k_freqs)
+        v = value.permute(1, 2, 0, 3)
         dropout = self.dropout if self.training else 0.0
         # Dropout draws from the tensor-parallel RNG, as in Megatron's DotProductAttention.
         with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
@@ -81,6 +95,27 @@ class SlidingWindowCoreAttention(MegatronModule):
     def _windowed(self, q, k, v, dropout: float):
         """q [b, heads, s, d], k/v [b, groups, s, d] with s > window -> [b, heads, s, d]."""
         raise NotImplementedError
+
+
+@compiled_on_gpu
+def rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Megatron's non-interleaved form: x cos + rotate_half(x) sin, rotate_half
+    (x1, x2) = (-x2, x1)) of x [s, b, heads, d] with freqs [s, 1, 1, d], returned as [b, heads, s, d]
+    contiguous in x's dtype (fp32 arithmetic). One fused pass on a GPU where Megatron's unfused
+    version (Transformer Engine holds the fused one) makes two concatenations and four products."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    y = xf * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
+    return y.permute(1, 2, 0, 3).contiguous().to(x.dtype)
+
+
+class RotaryInCoreSelfAttention(SelfAttention):
+    """Megatron's SelfAttention with the rotary embedding handed to the core attention (ours,
+    SlidingWindowCoreAttention), which applies it fused with its layout change."""
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        self.core_attention.rotary_pos_emb = rotary_pos_emb
+        return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
 
 
 class BlockedSlidingWindowAttention(SlidingWindowCoreAttention):

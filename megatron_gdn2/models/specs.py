@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_gdn2.configs import GDN2_BLOCK, SWA_BLOCK
 from megatron_gdn2.layers.gdn2_mixer import GatedDeltaNet2, GatedDeltaNet2Submodules
 from megatron_gdn2.layers.norm import RMSNorm
-from megatron_gdn2.layers.swa import swa_core_attention
+from megatron_gdn2.layers.swa import RotaryInCoreSelfAttention, SlidingWindowCoreAttention, swa_core_attention
 
 
 def _modules(config):
@@ -69,9 +69,12 @@ def gdn2_layer_spec(config) -> ModuleSpec:
 def swa_layer_spec(config) -> ModuleSpec:
     """"A": sliding-window causal self-attention with RoPE + MLP."""
     column, row, _ = _modules(config)
-    mixer = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-                       submodules=SelfAttentionSubmodules(linear_qkv=column,
-                                                          core_attention=swa_core_attention(config),
+    core = swa_core_attention(config)
+    # our core attentions apply RoPE themselves, fused with their layout change
+    attention = (RotaryInCoreSelfAttention if issubclass(core, SlidingWindowCoreAttention)
+                 and not config.rotary_interleaved else SelfAttention)
+    mixer = ModuleSpec(module=attention, params={"attn_mask_type": AttnMaskType.causal},
+                       submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core,
                                                           linear_proj=row))
     return _layer(config, mixer)
 

@@ -248,7 +248,7 @@ def _model_path_checks(out):
     separate = torch.cat([model(chunk, None, None) for chunk in tokens.split(lengths, dim=1)], dim=1)
     out["model_packed_vs_separate"] = _rel(packed, separate)
 
-    for window, variants in ((5, ("sdpa", "flex", "recompute")), (32, ("sdpa", "flex"))):
+    for window, variants in ((5, ("sdpa", "flex", "recompute", "selective")), (32, ("sdpa", "flex"))):
         model_cfg = get_model_config("swa_gdn2_tiny", swa_window=window)
         tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, model_cfg.seq_length + 1),
                                generator=torch.Generator().manual_seed(5))
@@ -256,8 +256,8 @@ def _model_path_checks(out):
         for name in variants:
             # (the local attention's mask is allocated with device="cuda", which the CPU patches do
             # not rewrite inside a recomputing backward: recompute runs with the blocked SDPA path)
-            kwargs = {"swa_attention_impl": "sdpa", "recompute": "full"} if name == "recompute" else {
-                "swa_attention_impl": name}
+            kwargs = ({"swa_attention_impl": "sdpa", "recompute": name.replace("recompute", "full")}
+                      if name in ("recompute", "selective") else {"swa_attention_impl": name})
             with flex_backward_on_cpu():
                 other_loss, other_grads, _ = _loss_and_grads(model_cfg, tokens, state, **kwargs)
             key = name if window < model_cfg.seq_length else f"{name}_full"
@@ -328,7 +328,7 @@ def test_paper_initialisation(checks):
     assert all(0.97 < r <= 1.0 for r in checks["role_max_over_bound"]), checks["role_max_over_bound"]
 
 
-@pytest.mark.parametrize("variant", ["sdpa", "flex", "recompute", "sdpa_full", "flex_full"])
+@pytest.mark.parametrize("variant", ["sdpa", "flex", "recompute", "selective", "sdpa_full", "flex_full"])
 def test_sdpa_flex_attention_and_recompute_match_local_path(checks, variant):
     assert checks[f"{variant}_loss_diff"] < 1e-6, checks[f"{variant}_loss_diff"]
     assert checks[f"{variant}_grad_rel_diff"] < 1e-5, checks[f"{variant}_grad_rel_diff"]
