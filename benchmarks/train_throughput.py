@@ -715,11 +715,11 @@ def run_profile(args, clock: dict) -> int:
         syncs = {e.key: e.count for e in events if e.key in SYNC_EVENTS}
         lines.append("host-device syncs per step: " + (", ".join(
             f"{k} {v / steps:g}" for k, v in sorted(syncs.items())) or "none recorded"))
-        lines += ["", f"Top 20 CUDA kernels by self time ({steps} steps):", "",
+        lines += ["", f"Top 40 CUDA kernels by self time ({steps} steps):", "",
                   "| # | self ms/step | % of kernel time | calls/step | kernel |", "|---|---|---|---|---|"]
         lines += [f"| {i + 1} | {e.self_device_time_total / 1e3 / steps:.2f} | "
                   f"{100 * e.self_device_time_total / max(total_us, 1):.1f} | {e.count / steps:g} | "
-                  f"`{e.key[:120]}` |" for i, e in enumerate(kernels[:20])]
+                  f"`{e.key[:120]}` |" for i, e in enumerate(kernels[:40])]
     lines += ["", *module_table(events, steps, cuda)]
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", f"key_averages() sorted by {sort_by}:", "",

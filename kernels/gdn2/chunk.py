@@ -22,8 +22,6 @@ from .chunk_bwd import chunk_intra_bwd_kernel, chunk_state_grads_kernel, chunk_w
 from .chunk_common import CHUNK, next_pow2
 from .chunk_intra import (
     chunk_cumsum_kernel,
-    chunk_intra_fwd_kernel,
-    chunk_offdiag_solve_kernel,
     chunk_scores_kernel,
     chunk_solve_kernel,
     chunk_wy_fwd_kernel,
@@ -39,17 +37,6 @@ class KernelConfig:
     scores_bk: int = 64
     scores_warps: int = 4
     solve_warps: int = 4
-    # off-diagonal score blocks and the inverse in one program per chunk (T's off-diagonal blocks
-    # stay in registers) instead of the scores kernel writing them for a separate solve kernel;
-    # added after the last H200 run, to be measured against the default (NOTES_kernels.md)
-    fuse_offdiag_solve: bool = False
-    offdiag_solve_bk: int = 32
-    offdiag_solve_warps: int = 4
-    # cumsum, every score block and the inverse in one program per chunk and head (one launch
-    # instead of three; to be measured against the two above)
-    fuse_intra_fwd: bool = False
-    intra_fwd_bk: int = 32
-    intra_fwd_warps: int = 4
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
@@ -176,12 +163,14 @@ def _intra(q, k, v, g, b, w, scale, idx):
     }
     coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
     grid = (idx.n_chunks, H)
-    if cfg.fuse_intra_fwd:
-        chunk_intra_fwd_kernel[grid](q, k, b, g, out["G"], out["gc"], out["aqk"], out["a"], *coords, idx.N,
-                                     scale, H=H, K=K, BK=idx.BK, BKC=min(idx.BK, cfg.intra_fwd_bk),
-                                     num_warps=cfg.intra_fwd_warps)
-    else:
-        _split_intra(q, k, b, g, scale, idx, out, coords)
+    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
+                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
+    t = q.new_empty(rows, CHUNK, dtype=f32)
+    chunk_scores_kernel[(idx.n_chunks, H, 4)](
+        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), num_warps=cfg.scores_warps,
+    )
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
@@ -189,30 +178,6 @@ def _intra(q, k, v, g, b, w, scale, idx):
         num_warps=cfg.wy_fwd_warps,
     )
     return out
-
-
-def _split_intra(q, k, b, g, scale, idx, out, coords):
-    """G, G_C, Aqk and A by the cumsum, scores and solve launches."""
-    H, K = q.shape[2], q.shape[3]
-    cfg = idx.cfg
-    grid = (idx.n_chunks, H)
-    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
-                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
-    t = q.new_empty(idx.n_chunks * H * CHUNK, CHUNK, dtype=torch.float32)
-    fused = cfg.fuse_offdiag_solve
-    chunk_scores_kernel[(idx.n_chunks, H, 4)](
-        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), OFFDIAG=not fused,
-        num_warps=cfg.scores_warps,
-    )
-    if fused:
-        chunk_offdiag_solve_kernel[grid](
-            q, k, b, out["G"], t, out["aqk"], out["a"], *coords, idx.N, scale,
-            H=H, K=K, BKC=min(idx.BK, cfg.offdiag_solve_bk), num_warps=cfg.offdiag_solve_warps,
-        )
-    else:
-        chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype),
-                                 num_warps=cfg.solve_warps)
 
 
 def _tl_dtype(dtype):
