@@ -242,14 +242,12 @@ class GatedDeltaNet2(MegatronModule):
             raise NotImplementedError("GatedDeltaNet2 has no Megatron inference path; generate with the "
                                       "exported Hugging Face model")
         cu_seqlens = self._packed_boundaries(packed_seq_params)
-        projected, _ = self.in_proj(hidden_states)  # [s, b, .]
+        projected, _ = self.in_proj(hidden_states)  # [s, b, q | k | v | erase | write]
         seq_len, batch = projected.shape[:2]
-        kd, vd = self.local_key_dim, self.local_value_dim
-        qkv, erase_logits, write_logits = projected.split([2 * kd + vd, kd, vd], dim=-1)
         q, k, v, g, erase, write = mixer_inputs(
-            qkv, self.conv_weight, positions_in_sequence(seq_len, batch, cu_seqlens, qkv.device),
-            self.decay_proj(hidden_states), self.A_log, self.dt_bias, erase_logits, write_logits,
-            self.erase_scale, self.head_k_dim, self.head_v_dim)
+            projected, self.conv_weight, positions_in_sequence(seq_len, batch, cu_seqlens, projected.device),
+            self.decay_proj(hidden_states), self.A_log, self.dt_bias, self.erase_scale, self.head_k_dim,
+            self.head_v_dim)
         group = self.local_v_heads // self.local_heads
         if group > 1:
             q, k, g, erase = (x.repeat_interleave(group, dim=2) for x in (q, k, g, erase))

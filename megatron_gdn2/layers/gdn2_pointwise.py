@@ -34,11 +34,11 @@ def _l2_normalised(x: torch.Tensor) -> torch.Tensor:
 
 
 @compiled_on_gpu
-def mixer_inputs(qkv: torch.Tensor, conv_weight: torch.Tensor, positions: torch.Tensor,
-                 decay: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                 erase_logits: torch.Tensor, write_logits: torch.Tensor, erase_scale: float,
+def mixer_inputs(projected: torch.Tensor, conv_weight: torch.Tensor, positions: torch.Tensor,
+                 decay: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, erase_scale: float,
                  head_k_dim: int, head_v_dim: int):
-    """Sequence-major projections [s, b, .] -> the chunk kernel's inputs [b, s, heads, dim]:
+    """Sequence-major projections (in_proj's [s, b, q | k | v | erase | write] and the decay
+    projection [s, b, key_dim]) -> the chunk kernel's inputs [b, s, heads, dim]:
 
         q, k = l2norm(silu(conv(.))), v = silu(conv(.))   causal depthwise conv, taps before a
                                                            sequence start (positions) read zero
@@ -46,9 +46,13 @@ def mixer_inputs(qkv: torch.Tensor, conv_weight: torch.Tensor, positions: torch.
         erase = erase_scale sigmoid(erase_logits), write = sigmoid(write_logits)
 
     The conv is its taps as shifted products, so it fuses with the rest; arithmetic in fp32,
-    outputs in qkv's dtype except g."""
-    seq_len, batch, _ = qkv.shape
-    key_dim = erase_logits.shape[-1]
+    outputs in projected's dtype except g. The split of `projected` happens here, so its gradient
+    comes out of the fused backward whole (split outside, autograd would concatenate the parts).
+    """
+    seq_len, batch, _ = projected.shape
+    key_dim = decay.shape[-1]
+    value_dim = conv_weight.shape[0] - 2 * key_dim
+    qkv, erase_logits, write_logits = projected.split([2 * key_dim + value_dim, key_dim, value_dim], dim=-1)
     width = conv_weight.shape[1]
     x, weight = qkv.float(), conv_weight.float()
     y = x * weight[:, width - 1]
@@ -60,13 +64,13 @@ def mixer_inputs(qkv: torch.Tensor, conv_weight: torch.Tensor, positions: torch.
     def kernel_layout(t, head_dim, dtype):
         return t.reshape(seq_len, batch, -1, head_dim).transpose(0, 1).contiguous().to(dtype)
 
-    q, k, v = y.split([key_dim, key_dim, y.shape[-1] - 2 * key_dim], dim=-1)
+    q, k, v = y.split([key_dim, key_dim, value_dim], dim=-1)
     q, k = (_l2_normalised(t.reshape(seq_len, batch, -1, head_k_dim)) for t in (q, k))
     rate = A_log.float().exp().repeat_interleave(head_k_dim)
     g = -rate * F.softplus(decay.float() + dt_bias.float())
     erase = torch.sigmoid(erase_logits.float()) * erase_scale
     write = torch.sigmoid(write_logits.float())
-    dtype = qkv.dtype
+    dtype = projected.dtype
     return (kernel_layout(q, head_k_dim, dtype), kernel_layout(k, head_k_dim, dtype),
             kernel_layout(v, head_v_dim, dtype), kernel_layout(g, head_k_dim, torch.float32),
             kernel_layout(erase, head_k_dim, dtype), kernel_layout(write, head_v_dim, dtype))
