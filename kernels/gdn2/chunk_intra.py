@@ -70,26 +70,22 @@ def chunk_scores_kernel(
     li = i_i * 16
     ri = row0 + li
 
-    # the earlier sub-blocks j < i in one [16, 64] product per key slice, through the row before
-    # sub-block i: q_i exp(G_i - c) (rows of i) against k_s exp(c - G_s) for every row s < 16 i
-    # (both factors <= 1; the rows s >= 16 i are zeroed before the exponential)
-    if i_i > 0:
-        rows = tl.arange(0, 64)
-        a = tl.zeros([16, 64], dtype=tl.float32)
-        t = tl.zeros([16, 64], dtype=tl.float32)
+    # earlier sub-blocks j through the row before sub-block i
+    for j in range(0, i_i):
+        a = tl.zeros([16, 16], dtype=tl.float32)
+        t = tl.zeros([16, 16], dtype=tl.float32)
         for kc in range(0, K, BKC):
             c = load_row(G, K, li - 1, 64, kc, K, BKC)
             rf = tl.exp(load_tile(G, K, li, 64, kc, K, 16, BKC) - c[None, :])
             ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
             qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
             er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
-            earlier = (rows < li)[:, None]
-            cf = tl.exp(tl.where(earlier, c[None, :] - load_tile(G, K, 0, 64, kc, K, 64, BKC), float("-inf")))
-            kf = tl.trans(load_tile(k, SK, row0, L, kc, K, 64, BKC).to(tl.float32) * cf)
+            kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+            kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
             a += mm(qr, kf, DT)
             t += mm(er, kf, DT)
-        store_tile(aqk_out, 64, li, 64, 0, li, a * scale)
-        store_tile(t_out, 64, li, 64, 0, li, t)
+        store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
+        store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
     # the diagonal sub-block
     r = tl.arange(0, 16)
