@@ -147,33 +147,31 @@ def chunk_intra_bwd_kernel(
         dei = load_tile(de_in + base * K, K, li, 64, ck, K, 16, BK)
         dki = load_tile(dk_in + base * K, K, li, 64, ck, K, 16, BK)
 
-        # row side, against all earlier rows s < 16 i in one [16, 64] product, through the row
-        # before sub-block i; rows at or after 16 i are zeroed before the exponential
-        rows = tl.arange(0, 64)
+        # row side, against earlier sub-blocks j through the row before sub-block i
         if i > 0:
             c = load_row(G, K, li - 1, 64, ck, K, BK)
-            before = (rows < li)[:, None]
-            ratio = tl.where(before, c[None, :] - load_tile(G, K, 0, 64, ck, K, 64, BK), float("-inf"))
-            kf = load_tile(k, SK, row0, L, ck, K, 64, BK).to(tl.float32) * tl.exp(ratio)
-            cols = (rows < li)[None, :]
-            da_row = tl.where(cols, load_tile(daqk, 64, li, 64, 0, 64, 16, 64), 0.0)
-            dt_row = tl.where(cols, load_tile(dtm, 64, li, 64, 0, 64, 16, 64), 0.0)
+            xq = tl.zeros([16, BK], dtype=tl.float32)
+            xe = tl.zeros([16, BK], dtype=tl.float32)
+            for j in range(0, i):
+                kj = load_tile(k, SK, row0 + j * 16, L, ck, K, 16, BK).to(tl.float32)
+                kf = kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, ck, K, 16, BK))
+                xq += mm(_blk(daqk, i, j), kf, DT)
+                xe += mm(_blk(dtm, i, j), kf, DT)
             rf = tl.exp(Gi - c[None, :])
-            dqi += mm(da_row, kf, DT) * rf * scale
-            dei += mm(dt_row, kf, DT) * rf
+            dqi += xq * rf * scale
+            dei += xe * rf
 
-        # column side, against all later rows r >= 16 (i + 1) in one [16, 64] product, through
-        # sub-block i's last row
+        # column side, against later sub-blocks m through sub-block i's last row
         if i < 3:
             n = load_row(G, K, li + 15, 64, ck, K, BK)
-            after = (rows >= li + 16)[:, None]
-            f = tl.exp(tl.where(after, load_tile(G, K, 0, 64, ck, K, 64, BK) - n[None, :], float("-inf")))
-            kall = load_tile(k, SK, row0, L, ck, K, 64, BK).to(tl.float32)
-            qf = load_tile(q, SK, row0, L, ck, K, 64, BK).to(tl.float32) * f
-            ef = load_tile(b, SK, row0, L, ck, K, 64, BK).to(tl.float32) * kall * f
-            da_col = tl.where(after, load_tile(daqk, 64, 0, 64, li, 64, 64, 16), 0.0)
-            dt_col = tl.where(after, load_tile(dtm, 64, 0, 64, li, 64, 64, 16), 0.0)
-            x = mm(tl.trans(da_col) * scale, qf, DT) + mm(tl.trans(dt_col), ef, DT)
+            x = tl.zeros([16, BK], dtype=tl.float32)
+            for m in range(i + 1, 4):
+                f = tl.exp(load_tile(G, K, m * 16, 64, ck, K, 16, BK) - n[None, :])
+                km = load_tile(k, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
+                qm = load_tile(q, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
+                em = load_tile(b, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32) * km
+                x += (mm(tl.trans(_blk(daqk, m, i)) * scale, qm * f, DT)
+                      + mm(tl.trans(_blk(dtm, m, i)), em * f, DT))
             dki += x * tl.exp(n[None, :] - Gi)
 
         # the diagonal sub-block
