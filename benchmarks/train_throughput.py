@@ -639,7 +639,8 @@ def run_probe(args, clock: dict) -> int:
 
 
 # Module types whose forward passes --profile times as ranges (the output layer by its name).
-PROFILED_MODULES = ("GatedDeltaNet2", "SelfAttention", "MLP", "RMSNorm", "LanguageModelEmbedding")
+PROFILED_MODULES = ("GatedDeltaNet2", "SelfAttention", "RotaryInCoreSelfAttention", "MLP", "RMSNorm",
+                    "LanguageModelEmbedding")
 RANGE_PREFIX = "forward: "
 
 
