@@ -50,12 +50,24 @@ def chunk_scores_kernel(
     q, k, b, G, aqk_out, t_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, PER_BLOCK: tl.constexpr,
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
-    T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i)."""
+    T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i).
+    Grid axis 2: the row block i (all its blocks, 4 programs per chunk), or with PER_BLOCK one
+    block (i, j) per program (10 per chunk: shorter programs, no imbalance between rows)."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
-    i_i = tl.program_id(2)
+    if PER_BLOCK:
+        blk = tl.program_id(2)  # (0, 0), (1, 0), (1, 1), (2, 0), ... in order
+        i_i = (blk >= 1).to(tl.int32) + (blk >= 3).to(tl.int32) + (blk >= 6).to(tl.int32)
+        j_first = blk - i_i * (i_i + 1) // 2
+        j_end = tl.minimum(j_first + 1, i_i)
+        diagonal = j_first == i_i
+    else:
+        i_i = tl.program_id(2)
+        j_first = 0
+        j_end = i_i
+        diagonal = True
     if i_n >= N:
         return
     DT: tl.constexpr = q.dtype.element_ty
@@ -71,7 +83,7 @@ def chunk_scores_kernel(
     ri = row0 + li
 
     # earlier sub-blocks j through the row before sub-block i
-    for j in range(0, i_i):
+    for j in range(j_first, j_end):
         a = tl.zeros([16, 16], dtype=tl.float32)
         t = tl.zeros([16, 16], dtype=tl.float32)
         for kc in range(0, K, BKC):
@@ -87,34 +99,35 @@ def chunk_scores_kernel(
         store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
         store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
-    # the diagonal sub-block
-    r = tl.arange(0, 16)
-    a = tl.zeros([16, 16], dtype=tl.float32)
-    t = tl.zeros([16, 16], dtype=tl.float32)
-    for kc in range(0, K, BKC):
-        Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
-        ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
-        qi = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
-        ei = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki
-        Gm = load_row(G, K, li + 7, 64, kc, K, BKC)
-        if diag_factors_safe(Gi, Gm):
-            rf = tl.exp(Gi - Gm[None, :])
-            kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
-            a += mm(qi * rf, kf, DT)
-            t += mm(ei * rf, kf, DT)
-        else:
-            for s in range(0, 16):
-                ks = load_row(k, SK, ri + s, L, kc, K, BKC).to(tl.float32)
-                Gs = load_row(G, K, li + s, 64, kc, K, BKC)
-                kf = ks[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
-                col = r[None, :] == s
-                a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
-                t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
-    store_tile(aqk_out, 64, li, 64, li, 64, tl.where(r[:, None] >= r[None, :], a * scale, 0.0))
-    store_tile(t_out, 64, li, 64, li, 64, tl.where(r[:, None] > r[None, :], t, 0.0))
-    zero = tl.zeros([16, 16], dtype=tl.float32)
-    for j in range(i_i + 1, 4):
-        store_tile(aqk_out, 64, li, 64, j * 16, 64, zero)
+    # the diagonal sub-block, and zeros in the blocks after it
+    if diagonal:
+        r = tl.arange(0, 16)
+        a = tl.zeros([16, 16], dtype=tl.float32)
+        t = tl.zeros([16, 16], dtype=tl.float32)
+        for kc in range(0, K, BKC):
+            Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
+            ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+            qi = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+            ei = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki
+            Gm = load_row(G, K, li + 7, 64, kc, K, BKC)
+            if diag_factors_safe(Gi, Gm):
+                rf = tl.exp(Gi - Gm[None, :])
+                kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
+                a += mm(qi * rf, kf, DT)
+                t += mm(ei * rf, kf, DT)
+            else:
+                for s in range(0, 16):
+                    ks = load_row(k, SK, ri + s, L, kc, K, BKC).to(tl.float32)
+                    Gs = load_row(G, K, li + s, 64, kc, K, BKC)
+                    kf = ks[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
+                    col = r[None, :] == s
+                    a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
+                    t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
+        store_tile(aqk_out, 64, li, 64, li, 64, tl.where(r[:, None] >= r[None, :], a * scale, 0.0))
+        store_tile(t_out, 64, li, 64, li, 64, tl.where(r[:, None] > r[None, :], t, 0.0))
+        zero = tl.zeros([16, 16], dtype=tl.float32)
+        for j in range(i_i + 1, 4):
+            store_tile(aqk_out, 64, li, 64, j * 16, 64, zero)
 
 
 @triton.jit

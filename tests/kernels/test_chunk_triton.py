@@ -126,19 +126,46 @@ def test_gpu_largest_key_dim_and_unequal_value_dim():
 def test_interpreter_recomputed_intra_tensors_give_the_same_gradients(monkeypatch):
     """KernelConfig.recompute_intra (memory for time: the backward runs the per-chunk forward
     kernels again instead of keeping their tensors) changes no number."""
-    import dataclasses
-
-    from gdn2_kernels.gdn2 import chunk
-
     tensors = make_inputs(1, 80, 1, 16, 16, dtype=torch.float32, with_state=True, seed=9)
     d_o = torch.randn(1, 80, 1, 16, dtype=torch.float64)
     d_s = torch.randn(1, 1, 16, 16, dtype=torch.float64)
     kwargs = dict(scale=0.25, l2norm=True, cu_seqlens=None)
     kept = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
-    default = chunk.kernel_config
-    monkeypatch.setattr(chunk, "kernel_config",
-                        lambda *a: dataclasses.replace(default(*a), recompute_intra=True))
+    _with_config(monkeypatch, recompute_intra=True)
     recomputed = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
     assert torch.equal(kept[0], recomputed[0]) and torch.equal(kept[1], recomputed[1])
     for name, grad in kept[2].items():
         assert torch.equal(grad, recomputed[2][name]), name
+
+
+def _with_config(monkeypatch, **fields):
+    """Every launch of this test uses the architecture's KernelConfig with `fields` replaced."""
+    import dataclasses
+
+    from gdn2_kernels.gdn2 import chunk
+
+    default = chunk.kernel_config
+    monkeypatch.setattr(chunk, "kernel_config", lambda *a: dataclasses.replace(default(*a), **fields))
+
+
+@pytest.mark.parametrize(
+    "batch, length, heads, key_dim, value_dim, g_min, cu_seqlens",
+    [
+        (2, 100, 1, 32, 16, -1.0, None),           # two chunks, partial second chunk
+        (1, 70, 2, 16, 32, -20.0, None),           # strong decay: the exact diagonal path
+        (1, 90, 1, 16, 16, -1.0, [0, 5, 75, 90]),  # packed
+    ],
+)
+def test_interpreter_scores_per_block(monkeypatch, batch, length, heads, key_dim, value_dim, g_min,
+                                      cu_seqlens):
+    """KernelConfig.scores_per_block (one program per 16x16 score block) against fp64."""
+    _with_config(monkeypatch, scores_per_block=True, scores_bk=16)
+    check_against_reference(batch, length, heads, key_dim, value_dim, torch.float32, "cpu", 1e-5,
+                            g_min=g_min, l2norm=True, cu_seqlens=cu_seqlens, seed=3)
+
+
+@pytest.mark.gpu
+def test_gpu_scores_per_block(monkeypatch):
+    _with_config(monkeypatch, scores_per_block=True)
+    check_against_reference(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
+    check_against_reference(1, 300, 2, 64, 64, torch.float32, "cuda", 1e-3, g_min=-20.0)
