@@ -10,6 +10,9 @@ before it. Its core attention is chosen by `swa_core_attention(config)`:
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
     "local"  Megatron's DotProductAttention (materialises the [T, T] scores; CPU tests)
 
+With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it hands the rotary embedding to
+the core attention, which applies it fused with its [s, b] -> [b, heads, s] layout change.
+
 `config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
 a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
 CPU. "flex" and "sdpa" run full causal attention (a window that covers the
