@@ -15,7 +15,16 @@ chunk_intra_bwd_kernel (chunk, head, key block), sub-blocks i = 3..0:
 import triton
 import triton.language as tl
 
-from .chunk_common import chunk_program, diag_factors_safe, load_row, load_tile, mm, mm_solve, store_tile
+from .chunk_common import (
+    chunk_program,
+    diag_factors_safe,
+    load_block,
+    load_row,
+    load_tile,
+    mm,
+    mm_solve,
+    store_tile,
+)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -102,12 +111,6 @@ def chunk_state_grads_kernel(
     tl.store(dgc_out + (i_c * H + i_h) * BKS + ck + tl.arange(0, BK), dgc, mask=ck + tl.arange(0, BK) < K)
 
 
-@triton.jit
-def _blk(x, i, j):
-    """16x16 block (i, j) of a chunk's 64x64 fp32 matrix."""
-    return load_tile(x, 64, i * 16, 64, j * 16, 64, 16, 16)
-
-
 @triton.jit(do_not_specialize=["N"])
 def chunk_intra_bwd_kernel(
     q, k, b, G, daqk, dtm, dq_in, de_in, dk_in, dgc_in,
@@ -155,8 +158,8 @@ def chunk_intra_bwd_kernel(
             for j in range(0, i):
                 kj = load_tile(k, SK, row0 + j * 16, L, ck, K, 16, BK).to(tl.float32)
                 kf = kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, ck, K, 16, BK))
-                xq += mm(_blk(daqk, i, j), kf, DT)
-                xe += mm(_blk(dtm, i, j), kf, DT)
+                xq += mm(load_block(daqk, i, j), kf, DT)
+                xe += mm(load_block(dtm, i, j), kf, DT)
             rf = tl.exp(Gi - c[None, :])
             dqi += xq * rf * scale
             dei += xe * rf
@@ -170,13 +173,13 @@ def chunk_intra_bwd_kernel(
                 km = load_tile(k, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
                 qm = load_tile(q, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
                 em = load_tile(b, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32) * km
-                x += (mm(tl.trans(_blk(daqk, m, i)) * scale, qm * f, DT)
-                      + mm(tl.trans(_blk(dtm, m, i)), em * f, DT))
+                x += (mm(tl.trans(load_block(daqk, m, i)) * scale, qm * f, DT)
+                      + mm(tl.trans(load_block(dtm, m, i)), em * f, DT))
             dki += x * tl.exp(n[None, :] - Gi)
 
         # the diagonal sub-block
-        dAd = _blk(daqk, i, i) * scale
-        dTd = _blk(dtm, i, i)
+        dAd = load_block(daqk, i, i) * scale
+        dTd = load_block(dtm, i, i)
         Gm = load_row(G, K, li + 7, 64, ck, K, BK)
         if diag_factors_safe(Gi, Gm):
             rf = tl.exp(Gi - Gm[None, :])

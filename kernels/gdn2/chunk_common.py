@@ -62,6 +62,12 @@ def store_tile(ptr, stride, row, nrows, col, ncols, x):
 
 
 @triton.jit
+def load_block(x, i, j):
+    """16x16 block (i, j) of a chunk's row-major 64x64 matrix."""
+    return load_tile(x, 64, i * 16, 64, j * 16, 64, 16, 16)
+
+
+@triton.jit
 def load_row(ptr, stride, row, nrows, col, ncols, BC: tl.constexpr):
     """Row `row` of a row-major matrix as a [BC] vector (zeros past nrows or ncols)."""
     c = col + tl.arange(0, BC)

@@ -15,6 +15,7 @@ import triton.language as tl
 from .chunk_common import (
     chunk_program,
     diag_factors_safe,
+    load_block,
     load_row,
     load_tile,
     mm,
@@ -131,40 +132,12 @@ def chunk_scores_kernel(
 
 
 @triton.jit
-def _tblk(t, i, j):
-    return load_tile(t, 64, i * 16, 64, j * 16, 64, 16, 16)
-
-
-@triton.jit
 def _store_block_row(ptr, i, b0, b1, b2, b3):
     """Row i of 16x16 blocks of a chunk's 64x64 matrix."""
     store_tile(ptr, 64, i * 16, 64, 0, 64, b0)
     store_tile(ptr, 64, i * 16, 64, 16, 64, b1)
     store_tile(ptr, 64, i * 16, 64, 32, 64, b2)
     store_tile(ptr, 64, i * 16, 64, 48, 64, b3)
-
-
-@triton.jit
-def _invert_and_store(T00, T11, T22, T33, T10, T20, T30, T21, T31, T32, a_out, DT: tl.constexpr):
-    """A = (I + T)^-1 by blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj.
-    All 16 blocks are written (zeros above the diagonal) so later kernels load A as one tile."""
-    I00 = unit_lower_inverse(T00, DT)
-    I11 = unit_lower_inverse(T11, DT)
-    I22 = unit_lower_inverse(T22, DT)
-    I33 = unit_lower_inverse(T33, DT)
-    I10 = -mm_exact(I11, mm_exact(T10, I00, DT), DT)
-    I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
-    I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
-    I20 = -mm_exact(I22, mm_exact(T20, I00, DT) + mm_exact(T21, I10, DT), DT)
-    I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
-    I30 = -mm_exact(I33, mm_exact(T30, I00, DT) + mm_exact(T31, I10, DT) + mm_exact(T32, I20, DT), DT)
-    r = tl.arange(0, 16)
-    lower = r[:, None] >= r[None, :]
-    zero = tl.zeros([16, 16], dtype=tl.float32)
-    _store_block_row(a_out, 0, tl.where(lower, I00, 0.0), zero, zero, zero)
-    _store_block_row(a_out, 1, I10, tl.where(lower, I11, 0.0), zero, zero)
-    _store_block_row(a_out, 2, I20, I21, tl.where(lower, I22, 0.0), zero)
-    _store_block_row(a_out, 3, I30, I31, I32, tl.where(lower, I33, 0.0))
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -174,15 +147,36 @@ def chunk_solve_kernel(
     N,
     DT: tl.constexpr,
 ):
-    """A = (I + T)^-1 from the ten lower 16x16 blocks of T written by chunk_scores_kernel."""
+    """A = (I + T)^-1 from the ten lower 16x16 blocks of T written by chunk_scores_kernel, by
+    blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj. All 16 blocks are
+    written (zeros above the diagonal) so later kernels load A as one tile."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     H = tl.num_programs(1)
     t_in += (i_c * H + i_h) * 64 * 64
-    _invert_and_store(_tblk(t_in, 0, 0), _tblk(t_in, 1, 1), _tblk(t_in, 2, 2), _tblk(t_in, 3, 3),
-                      _tblk(t_in, 1, 0), _tblk(t_in, 2, 0), _tblk(t_in, 3, 0), _tblk(t_in, 2, 1),
-                      _tblk(t_in, 3, 1), _tblk(t_in, 3, 2), a_out + (i_c * H + i_h) * 64 * 64, DT)
+    a_out += (i_c * H + i_h) * 64 * 64
+    I00 = unit_lower_inverse(load_block(t_in, 0, 0), DT)
+    I11 = unit_lower_inverse(load_block(t_in, 1, 1), DT)
+    I22 = unit_lower_inverse(load_block(t_in, 2, 2), DT)
+    I33 = unit_lower_inverse(load_block(t_in, 3, 3), DT)
+    T21 = load_block(t_in, 2, 1)
+    T31 = load_block(t_in, 3, 1)
+    T32 = load_block(t_in, 3, 2)
+    I10 = -mm_exact(I11, mm_exact(load_block(t_in, 1, 0), I00, DT), DT)
+    I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
+    I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
+    I20 = -mm_exact(I22, mm_exact(load_block(t_in, 2, 0), I00, DT) + mm_exact(T21, I10, DT), DT)
+    I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
+    I30 = -mm_exact(I33, mm_exact(load_block(t_in, 3, 0), I00, DT) + mm_exact(T31, I10, DT)
+                    + mm_exact(T32, I20, DT), DT)
+    r = tl.arange(0, 16)
+    lower = r[:, None] >= r[None, :]
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block_row(a_out, 0, tl.where(lower, I00, 0.0), zero, zero, zero)
+    _store_block_row(a_out, 1, I10, tl.where(lower, I11, 0.0), zero, zero)
+    _store_block_row(a_out, 2, I20, I21, tl.where(lower, I22, 0.0), zero)
+    _store_block_row(a_out, 3, I30, I31, I32, tl.where(lower, I33, 0.0))
 
 
 @triton.jit(do_not_specialize=["N"])

@@ -155,12 +155,8 @@ def sliding_window_mask_mod(window: int):
     return mask_mod
 
 
-@functools.cache
-def _compiled(fn):
-    # dynamic=False: a training run repeats one shape, so each function compiles once per shape
-    # (and grad mode) and is reused; a dynamic graph would cost more and gain nothing. Every new
-    # sequence length is a new graph (after torch's recompile limit, 8, that shape runs eagerly).
-    return torch.compile(fn, dynamic=False)
+# compiled on a GPU; eager on CPU, where torch allows FlexAttention no compiled backward
+windowed_flex_attention = compiled_on_gpu(flex_attention)
 
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size
@@ -205,8 +201,8 @@ class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
 
     def _windowed(self, q, k, v, dropout):
         block_mask = sliding_window_block_mask(q.shape[2], self.window, q.device)
-        attend = _compiled(flex_attention) if q.is_cuda else flex_attention
-        return attend(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=True)
+        return windowed_flex_attention(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
+                                       enable_gqa=True)
 
 
 def swa_core_attention(config) -> type:
