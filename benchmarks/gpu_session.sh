@@ -2,11 +2,15 @@
 # One device call: install what the GPU image lacks (carried wheels in .whl/), then the chosen
 # steps; logs land in $OUT.
 # Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|sweep|train|profile|multi|all]...
+#    or: bash benchmarks/gpu_session.sh lanes "STEPS" "STEPS" ...   (lane i on GPU i, in parallel)
 #   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" (launch-configuration variants, ours only)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
+# Triton's autotune results are cached on disk (TRITON_CACHE_AUTOTUNING): `kernels` leaves them in
+# $OUT/triton_autotune.tgz; carried back as .whl/triton_autotune.tgz they spare fla's minutes of
+# tuning in a later call (our kernels do not autotune).
 # ../shared/data does not travel to the device: copy what the tests read into data_cache/shared
 # (gitignored; corpora/wikipedia_vital_summaries, eval, tokenizers/mistral_v1) and carry it with
 # .whl. Run independent steps on separate GPUs of a multi-GPU machine with CUDA_VISIBLE_DEVICES.
@@ -14,15 +18,36 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gdn2_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache} TRITON_CACHE_AUTOTUNING=1
 if [ -d data_cache/shared ]; then export GDN2_SHARED_DATA=$PWD/data_cache/shared; fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ "${1:-}" = lanes ]; then
+    shift
+    bash "$0" none || exit 1
+    pids=()
+    for i in $(seq 0 $(($# - 1))); do
+        lane=$((i + 1))
+        # shellcheck disable=SC2086
+        GDN2_INSTALLED=1 CUDA_VISIBLE_DEVICES=$i timeout "${LANE_TIMEOUT:-540}" bash "$0" ${!lane} \
+            >"$OUT/lane$i.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    # only a few files come back from the device: everything in one archive
+    tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"
+    exit "$status"
+fi
+[ "${GDN2_INSTALLED:-0}" = 1 ] || {
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .whl/triton_autotune.tgz ] && tar -xzf .whl/triton_autotune.tgz -C "$TRITON_CACHE_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
     || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "mcore", m.__version__)'
+}
 
 status=0
 for step in "${@:-all}"; do
@@ -35,8 +60,10 @@ for step in "${@:-all}"; do
             | tee "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " | tail -60
         status=$((status | PIPESTATUS[0])) ;;&
     kernels | all)
-        python3 benchmarks/bench_gdn2.py 2>&1 | tee "$OUT/bench_gdn2.log" | tail -40
-        status=$((status | PIPESTATUS[0])) ;;&
+        timeout "${KERNELS_TIMEOUT:-3000}" python3 benchmarks/bench_gdn2.py ${BENCH_ARGS:-} 2>&1 \
+            | tee "$OUT/bench_gdn2.log" | tail -40
+        status=$((status | PIPESTATUS[0]))
+        (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar -czf "$OUT/triton_autotune.tgz" -T -) ;;&
     sweep)
         python3 benchmarks/bench_gdn2.py --shapes 4x4096 --sweep "${SWEEP:-}" 2>&1 \
             | tee "$OUT/bench_sweep.log" | grep -E "fwd|chunk_|total|failed"
