@@ -247,7 +247,7 @@ class GatedDeltaNet2(MegatronModule):
         q, k, v, g, erase, write = mixer_inputs(
             projected, self.conv_weight, positions_in_sequence(seq_len, batch, cu_seqlens, projected.device),
             self.decay_proj(hidden_states), self.A_log, self.dt_bias, self.erase_scale, self.head_k_dim,
-            self.head_v_dim)
+            self.head_v_dim, kernel_backend=self.kernel_backend)
         group = self.local_v_heads // self.local_heads
         if group > 1:
             q, k, g, erase = (x.repeat_interleave(group, dim=2) for x in (q, k, g, erase))

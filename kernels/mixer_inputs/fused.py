@@ -1,0 +1,268 @@
+"""The GDN-2 mixer's input stage as Triton kernels (the conv part, the decay and the sigmoid gates,
+forward and backward), with an autograd Function that keeps only the stage's inputs.
+
+The stage is pure data movement with a little arithmetic: per token the forward reads the
+projections once and writes the chunk kernel's inputs once; the backward reads the inputs and the
+output gradients once (the conv taps and the row's L2 norm are recomputed from the inputs, hitting
+cache) and writes the input gradients once. Parameter gradients (conv taps, dt_bias, A_log) are
+per-program partial sums, reduced by torch: deterministic, no atomics.
+
+Layouts: projected [s, b, q | k | v | erase | write] and decay [s, b, key_dim] sequence-major as
+Megatron's linears produce them; outputs [b, s, heads, dim] as the chunk kernel takes them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gdn2.naive import L2NORM_EPS
+from .naive import split_widths
+
+ROWS = 32  # sequence positions per program
+
+
+@triton.jit
+def _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """Pre-activation c [BS, BD] of the causal depthwise conv at rows s (int vector) of batch b,
+    channels ch..ch+D of `p` ([S, B, C] row-major); taps reaching before a sequence start (pos)
+    read zero."""
+    d = tl.arange(0, BD)
+    valid_s = s < S
+    here = tl.load(pos + s * B + b, mask=valid_s, other=0)
+    c = tl.zeros([BS, BD], dtype=tl.float32)
+    for shift in tl.static_range(WIDTH):
+        tap = tl.load(w + (ch + d) * WIDTH + (WIDTH - 1 - shift), mask=d < D, other=0.0).to(tl.float32)
+        rows = valid_s & (here >= shift)
+        x = tl.load(p + ((s - shift) * B + b)[:, None] * C + ch + d[None, :],
+                    mask=rows[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        c += x * tap[None, :]
+    return c
+
+
+@triton.jit
+def _activate(c, NORM: tl.constexpr, eps):
+    """silu(c), then the row's L2 normalisation when NORM; also returns silu(c) and 1 / norm."""
+    y = c * tl.sigmoid(c)
+    if NORM:
+        r = 1.0 / tl.sqrt(tl.sum(y * y, 1) + eps)
+        return y * r[:, None], y, r
+    return y, y, tl.full([c.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit(do_not_specialize=["S"])
+def conv_fwd_kernel(
+    p, w, pos, out0, out1,
+    S, B: tl.constexpr, C: tl.constexpr, CH0: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
+    eps, NORM: tl.constexpr, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+):
+    """Grid (row blocks, b, heads of out0 then of out1): out[b, s, head, :] = act(conv(p))."""
+    i_s, b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s = i_s * BS + tl.arange(0, BS)
+    d = tl.arange(0, BD)
+    y, _, _ = _activate(_conv_tile(p, w, pos, s, b, S, B, C, CH0 + i_h * D, D, WIDTH, BS, BD), NORM, eps)
+    if i_h < HEADS:
+        out, h = out0, i_h
+    else:
+        out, h = out1, i_h - HEADS
+    o = out + ((b * S + s) * HEADS + h)[:, None] * D + d[None, :]
+    tl.store(o, y.to(out.dtype.element_ty), mask=(s < S)[:, None] & (d < D)[None, :])
+
+
+@triton.jit(do_not_specialize=["S"])
+def conv_bwd_kernel(
+    p, w, pos, dout0, dout1, dp, dw_part,
+    S, B: tl.constexpr, C: tl.constexpr, CH0: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
+    CW: tl.constexpr, eps, NORM: tl.constexpr, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+):
+    """dp[s, b, ch] = sum over taps of dc[s + shift] w[ch, WIDTH - 1 - shift] (the later row's tap
+    reaching back to s), with dc recomputed at each later row; dw_part[program row, ch, tap] = this
+    block's sum of dc[s] x[s - shift]."""
+    i_s, b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if i_h < HEADS:
+        dout, h = dout0, i_h
+    else:
+        dout, h = dout1, i_h - HEADS
+    ch = CH0 + i_h * D
+    s0 = i_s * BS + tl.arange(0, BS)
+    d = tl.arange(0, BD)
+    dmask = d < D
+    dx = tl.zeros([BS, BD], dtype=tl.float32)
+    for shift in tl.static_range(WIDTH):
+        s = s0 + shift
+        c = _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH, BS, BD)
+        n, y, r = _activate(c, NORM, eps)
+        g = tl.load(dout + ((b * S + s) * HEADS + h)[:, None] * D + d[None, :],
+                    mask=(s < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if NORM:
+            g = r[:, None] * (g - n * tl.sum(g * n, 1)[:, None])
+        sig = tl.sigmoid(c)
+        dc = g * sig * (1.0 + c * (1.0 - sig))
+        reach = (s < S) & (tl.load(pos + s * B + b, mask=s < S, other=0) >= shift)
+        tap = tl.load(w + (ch + d) * WIDTH + (WIDTH - 1 - shift), mask=dmask, other=0.0).to(tl.float32)
+        dx += tl.where(reach[:, None], dc, 0.0) * tap[None, :]
+        if shift == 0:
+            # this block's rows' dc against each tap's input: the taps' gradient
+            here = tl.load(pos + s0 * B + b, mask=s0 < S, other=0)
+            part = dw_part + ((i_s * B + b) * CW + ch + d) * WIDTH
+            for t in tl.static_range(WIDTH):
+                rows = (s0 < S) & (here >= t)
+                x = tl.load(p + ((s0 - t) * B + b)[:, None] * C + ch + d[None, :],
+                            mask=rows[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                tl.store(part + (WIDTH - 1 - t), tl.sum(dc * x, 0), mask=dmask)
+    tl.store(dp + (s0 * B + b)[:, None] * C + ch + d[None, :], dx.to(dp.dtype.element_ty),
+             mask=(s0 < S)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _softplus(z):
+    # torch's threshold (20); below -15, log(1 + e^z) = e^z to fp32 precision
+    return tl.where(z > 20.0, z, tl.where(z < -15.0, tl.exp(z), tl.log(1.0 + tl.exp(z))))
+
+
+@triton.jit(do_not_specialize=["S"])
+def decay_fwd_kernel(
+    decay, a_log, dt_bias, g_out,
+    S, B: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+):
+    """g[b, s, :] = -exp(A_log[head]) softplus(decay[s, b, :] + dt_bias), fp32."""
+    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s = i_s * BS + tl.arange(0, BS)
+    col = i_c * BC + tl.arange(0, BC)
+    m = (s < S)[:, None] & (col < KD)[None, :]
+    z = tl.load(decay + (s * B + b)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
+    z += tl.load(dt_bias + col, mask=col < KD, other=0.0).to(tl.float32)[None, :]
+    rate = tl.exp(tl.load(a_log + col // DK, mask=col < KD, other=0.0).to(tl.float32))
+    tl.store(g_out + (b * S + s)[:, None] * KD + col[None, :], -rate[None, :] * _softplus(z), mask=m)
+
+
+@triton.jit(do_not_specialize=["S"])
+def decay_bwd_kernel(
+    decay, a_log, dt_bias, dg, ddecay, dbias_part, dalog_part,
+    S, B: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+):
+    """decay_fwd_kernel's backward; dt_bias's and A_log's gradients as this block's per-channel
+    partial sums (A_log's summed over each head's channels by the caller: d g / d A_log = g)."""
+    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s = i_s * BS + tl.arange(0, BS)
+    col = i_c * BC + tl.arange(0, BC)
+    m = (s < S)[:, None] & (col < KD)[None, :]
+    z = tl.load(decay + (s * B + b)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
+    z += tl.load(dt_bias + col, mask=col < KD, other=0.0).to(tl.float32)[None, :]
+    rate = tl.exp(tl.load(a_log + col // DK, mask=col < KD, other=0.0).to(tl.float32))
+    grad = tl.load(dg + (b * S + s)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
+    dz = -rate[None, :] * tl.sigmoid(z) * grad
+    tl.store(ddecay + (s * B + b)[:, None] * KD + col[None, :], dz.to(ddecay.dtype.element_ty), mask=m)
+    part = (i_s * B + b) * KD + col
+    tl.store(dbias_part + part, tl.sum(dz, 0), mask=col < KD)
+    tl.store(dalog_part + part, tl.sum(grad * -rate[None, :] * _softplus(z), 0), mask=col < KD)
+
+
+@triton.jit(do_not_specialize=["S"])
+def sigmoid_gate_kernel(
+    p, grad_out, out,
+    S, B: tl.constexpr, C: tl.constexpr, SRC: tl.constexpr, WIDTH: tl.constexpr, scale,
+    BACKWARD: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+):
+    """Forward: out[b, s, :] = scale sigmoid(p[s, b, SRC:SRC + WIDTH]). Backward: the logits'
+    gradient from grad_out [b, s, WIDTH], written into p's columns of out ([s, b, C])."""
+    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s = i_s * BS + tl.arange(0, BS)
+    col = i_c * BC + tl.arange(0, BC)
+    m = (s < S)[:, None] & (col < WIDTH)[None, :]
+    seq_major = (s * B + b)[:, None] * C + SRC + col[None, :]
+    batch_major = (b * S + s)[:, None] * WIDTH + col[None, :]
+    sig = tl.sigmoid(tl.load(p + seq_major, mask=m, other=0.0).to(tl.float32))
+    if BACKWARD:
+        grad = tl.load(grad_out + batch_major, mask=m, other=0.0).to(tl.float32)
+        tl.store(out + seq_major, (grad * scale * sig * (1.0 - sig)).to(out.dtype.element_ty), mask=m)
+    else:
+        tl.store(out + batch_major, (sig * scale).to(out.dtype.element_ty), mask=m)
+
+
+GATE_COLS = 128
+
+
+def _gate_grid(seq_len, batch, width):
+    return (triton.cdiv(seq_len, ROWS), batch, triton.cdiv(width, GATE_COLS))
+
+
+def _sigmoid_gates(projected, grads, outs, key_dim, value_dim, erase_scale, backward):
+    """erase (scaled) and write: forward into outs, or backward from grads into outs (= dp)."""
+    seq_len, batch, C = projected.shape
+    for i, (src, width, scale) in enumerate(((2 * key_dim + value_dim, key_dim, erase_scale),
+                                             (3 * key_dim + value_dim, value_dim, 1.0))):
+        out = outs if backward else outs[i]
+        grad = grads[i] if backward else out
+        sigmoid_gate_kernel[_gate_grid(seq_len, batch, width)](
+            projected, grad, out, seq_len, batch, C, src, width, float(scale),
+            BACKWARD=backward, BS=ROWS, BC=GATE_COLS)
+
+
+class MixerInputsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, projected, conv_weight, positions, decay, A_log, dt_bias, erase_scale,
+                head_k_dim, head_v_dim):
+        seq_len, batch, C = projected.shape
+        key_dim, value_dim = split_widths(conv_weight, decay)
+        heads, v_heads = key_dim // head_k_dim, value_dim // head_v_dim
+        width = conv_weight.shape[1]
+        projected, decay, positions = projected.contiguous(), decay.contiguous(), positions.contiguous()
+        positions = positions.expand(seq_len, batch).contiguous()
+        new = projected.new_empty
+        q, k = new(batch, seq_len, heads, head_k_dim), new(batch, seq_len, heads, head_k_dim)
+        v = new(batch, seq_len, v_heads, head_v_dim)
+        g = torch.empty(batch, seq_len, heads, head_k_dim, device=projected.device, dtype=torch.float32)
+        erase, write = new(batch, seq_len, heads, head_k_dim), new(batch, seq_len, v_heads, head_v_dim)
+        rows = triton.cdiv(seq_len, ROWS)
+        common = dict(eps=L2NORM_EPS, WIDTH=width, BS=ROWS)
+        conv_fwd_kernel[(rows, batch, 2 * heads)](
+            projected, conv_weight, positions, q, k, seq_len, batch, C, 0, heads, head_k_dim,
+            NORM=True, BD=triton.next_power_of_2(head_k_dim), **common)
+        conv_fwd_kernel[(rows, batch, v_heads)](
+            projected, conv_weight, positions, v, v, seq_len, batch, C, 2 * key_dim, v_heads, head_v_dim,
+            NORM=False, BD=triton.next_power_of_2(head_v_dim), **common)
+        decay_fwd_kernel[_gate_grid(seq_len, batch, key_dim)](
+            decay, A_log, dt_bias, g, seq_len, batch, key_dim, head_k_dim, BS=ROWS, BC=GATE_COLS)
+        _sigmoid_gates(projected, None, (erase, write), key_dim, value_dim, erase_scale, backward=False)
+        ctx.save_for_backward(projected, conv_weight, positions, decay, A_log, dt_bias)
+        ctx.dims = (erase_scale, head_k_dim, head_v_dim)
+        return q, k, v, g, erase, write
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dg, de, dwr):
+        projected, conv_weight, positions, decay, A_log, dt_bias = ctx.saved_tensors
+        erase_scale, head_k_dim, head_v_dim = ctx.dims
+        seq_len, batch, C = projected.shape
+        key_dim, value_dim = split_widths(conv_weight, decay)
+        heads, v_heads = key_dim // head_k_dim, value_dim // head_v_dim
+        width, conv_channels = conv_weight.shape[1], conv_weight.shape[0]
+        # autograd materialises missing output gradients as zeros
+        dq, dk, dv, dg, de, dwr = (x.contiguous() for x in (dq, dk, dv, dg, de, dwr))
+        rows = triton.cdiv(seq_len, ROWS)
+        dp = torch.empty_like(projected)
+        dw_part = torch.empty(rows, batch, conv_channels, width, device=projected.device, dtype=torch.float32)
+        common = dict(eps=L2NORM_EPS, WIDTH=width, BS=ROWS)
+        conv_bwd_kernel[(rows, batch, 2 * heads)](
+            projected, conv_weight, positions, dq, dk, dp, dw_part, seq_len, batch, C, 0, heads,
+            head_k_dim, conv_channels, NORM=True, BD=triton.next_power_of_2(head_k_dim), **common)
+        conv_bwd_kernel[(rows, batch, v_heads)](
+            projected, conv_weight, positions, dv, dv, dp, dw_part, seq_len, batch, C, 2 * key_dim,
+            v_heads, head_v_dim, conv_channels, NORM=False, BD=triton.next_power_of_2(head_v_dim), **common)
+        ddecay = torch.empty_like(decay)
+        dbias_part = torch.empty(rows, batch, key_dim, device=projected.device, dtype=torch.float32)
+        dalog_part = torch.empty_like(dbias_part)
+        decay_bwd_kernel[_gate_grid(seq_len, batch, key_dim)](
+            decay, A_log, dt_bias, dg, ddecay, dbias_part, dalog_part, seq_len, batch, key_dim,
+            head_k_dim, BS=ROWS, BC=GATE_COLS)
+        _sigmoid_gates(projected, (de, dwr), dp, key_dim, value_dim, erase_scale, backward=True)
+        d_conv = dw_part.sum((0, 1)).to(conv_weight.dtype)
+        d_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype)
+        d_alog = dalog_part.sum((0, 1)).view(heads, head_k_dim).sum(1).to(A_log.dtype)
+        return dp, d_conv, None, ddecay, d_alog, d_bias, None, None, None
+
+
+def mixer_inputs_triton(projected, conv_weight, positions, decay, A_log, dt_bias, erase_scale,
+                        head_k_dim, head_v_dim):
+    return MixerInputsFunction.apply(projected, conv_weight, positions, decay, A_log, dt_bias,
+                                     erase_scale, head_k_dim, head_v_dim)
