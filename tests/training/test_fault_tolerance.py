@@ -13,9 +13,10 @@ from tests.harness import run_distributed
 from tests.training.common import GLOBAL, MICRO, make_config, summarize
 
 
-def _poison_iterations(real, bad: set[int], microbatches: int) -> None:
+def _poison_iterations(real, bad: set[int], microbatches: int, grads_only: bool = False) -> None:
     """Replaces the loss with `real`'s, made NaN (and so its gradients) in every micro-batch of
-    the given training iterations, as an overflow would."""
+    the given training iterations, as an overflow would; with grads_only the loss stays finite and
+    only the gradients turn non-finite (an overflow in the backward)."""
     from megatron_gdn2.training import forward_step
 
     calls = {"n": 0}
@@ -24,7 +25,9 @@ def _poison_iterations(real, bad: set[int], microbatches: int) -> None:
         loss_sum, num_tokens, report = real(loss_mask, output_tensor)
         iteration = calls["n"] // microbatches + 1
         calls["n"] += 1
-        if iteration in bad:
+        if iteration in bad and grads_only:
+            output_tensor.register_hook(lambda grad: grad * math.inf)
+        elif iteration in bad:
             loss_sum = loss_sum * math.nan
             report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
         return loss_sum, num_tokens, report
@@ -39,7 +42,7 @@ def nonfinite_runs(recovering: dict, diverging: dict) -> dict:
     from megatron_gdn2.training.runner import run
 
     microbatches = GLOBAL // MICRO
-    _poison_iterations(masked_token_loss, {3}, microbatches)
+    _poison_iterations(masked_token_loss, {3}, microbatches, grads_only=True)
     out = {"recovering": summarize(run(PretrainConfig.from_dict(recovering)))}
     _poison_iterations(masked_token_loss, {2, 3}, microbatches)
     try:
