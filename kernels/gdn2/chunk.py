@@ -36,9 +36,6 @@ class KernelConfig:
 
     scores_bk: int = 64
     scores_warps: int = 4
-    # one program per 16x16 block of the scores (10 per chunk) instead of per row of blocks (4);
-    # written after the session-5 runs, to be measured (NOTES_kernels.md)
-    scores_per_block: bool = False
     solve_warps: int = 4
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
@@ -169,9 +166,9 @@ def _intra(q, k, v, g, b, w, scale, idx):
     chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
                               H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
     t = q.new_empty(rows, CHUNK, dtype=f32)
-    chunk_scores_kernel[(idx.n_chunks, H, 10 if cfg.scores_per_block else 4)](
+    chunk_scores_kernel[(idx.n_chunks, H, 4)](
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), PER_BLOCK=cfg.scores_per_block,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps,
     )
     chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)

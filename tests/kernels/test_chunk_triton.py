@@ -146,26 +146,3 @@ def _with_config(monkeypatch, **fields):
 
     default = chunk.kernel_config
     monkeypatch.setattr(chunk, "kernel_config", lambda *a: dataclasses.replace(default(*a), **fields))
-
-
-@pytest.mark.parametrize(
-    "batch, length, heads, key_dim, value_dim, g_min, cu_seqlens",
-    [
-        (2, 100, 1, 32, 16, -1.0, None),           # two chunks, partial second chunk
-        (1, 70, 2, 16, 32, -20.0, None),           # strong decay: the exact diagonal path
-        (1, 90, 1, 16, 16, -1.0, [0, 5, 75, 90]),  # packed
-    ],
-)
-def test_interpreter_scores_per_block(monkeypatch, batch, length, heads, key_dim, value_dim, g_min,
-                                      cu_seqlens):
-    """KernelConfig.scores_per_block (one program per 16x16 score block) against fp64."""
-    _with_config(monkeypatch, scores_per_block=True, scores_bk=16)
-    check_against_reference(batch, length, heads, key_dim, value_dim, torch.float32, "cpu", 1e-5,
-                            g_min=g_min, l2norm=True, cu_seqlens=cu_seqlens, seed=3)
-
-
-@pytest.mark.gpu
-def test_gpu_scores_per_block(monkeypatch):
-    _with_config(monkeypatch, scores_per_block=True)
-    check_against_reference(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
-    check_against_reference(1, 300, 2, 64, 64, torch.float32, "cuda", 1e-3, g_min=-20.0)
