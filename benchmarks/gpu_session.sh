@@ -6,6 +6,7 @@
 #   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" (launch-configuration variants, ours only)
+#   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
 # Triton's autotune results are cached on disk (TRITON_CACHE_AUTOTUNING): `kernels` leaves them in
@@ -67,6 +68,9 @@ for step in "${@:-all}"; do
     sweep)
         python3 benchmarks/bench_gdn2.py --shapes 4x4096 --sweep "${SWEEP:-}" 2>&1 \
             | tee "$OUT/bench_sweep.log" | grep -E "fwd|chunk_|total|failed"
+        status=$((status | PIPESTATUS[0])) ;;
+    mixer)
+        python3 benchmarks/bench_mixer_inputs.py 2>&1 | tee "$OUT/bench_mixer_inputs.log" | tail -8
         status=$((status | PIPESTATUS[0])) ;;
     profile)
         python3 benchmarks/train_throughput.py --profile 2>&1 | tee "$OUT/profile_run.log" | tail -40
