@@ -41,6 +41,10 @@ class KernelConfig:
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
     state_bv: int = 64
+    # the state kernels run one program per (value block, sequence, head), each sequential over the
+    # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
+    # (down to 16) for more, shorter programs. 0: always state_bv.
+    state_min_programs: int = 0
     state_warps: int = 4
     state_stages: int = 2
     wy_bwd_bv: int = 64
@@ -58,7 +62,8 @@ class KernelConfig:
 # keyed by CUDA compute capability major; anything else (and the CPU interpreter) uses the default.
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
-    9: KernelConfig(scores_warps=2, solve_warps=2, wy_fwd_warps=8, intra_bwd_bk=64),
+    9: KernelConfig(scores_warps=2, solve_warps=2, wy_fwd_warps=8, intra_bwd_bk=64,
+                    state_min_programs=96),
 }
 
 
@@ -185,8 +190,11 @@ def _tl_dtype(dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _state_bv(idx):
-    return min(idx.BV, idx.cfg.state_bv)
+def _state_bv(idx, heads):
+    bv = min(idx.BV, idx.cfg.state_bv)
+    while bv > 16 and idx.N * heads * (idx.BV // bv) < idx.cfg.state_min_programs:
+        bv //= 2
+    return bv
 
 
 def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
@@ -197,7 +205,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BV = _state_bv(idx)
+    BV = _state_bv(idx, H)
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
         initial_state, o, states, ht,
@@ -223,7 +231,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    BV = _state_bv(idx)
+    BV = _state_bv(idx, H)
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,

@@ -146,3 +146,22 @@ def _with_config(monkeypatch, **fields):
 
     default = chunk.kernel_config
     monkeypatch.setattr(chunk, "kernel_config", lambda *a: dataclasses.replace(default(*a), **fields))
+
+
+def test_interpreter_narrow_state_blocks(monkeypatch):
+    """Few sequences and heads: the state kernels halve their value blocks (here 32 -> 16) for
+    more programs; against fp64 with an initial and a final state."""
+    from gdn2_kernels.gdn2 import chunk
+
+    _with_config(monkeypatch, state_min_programs=1000)
+    widths = []
+    original = chunk._state_bv
+
+    def recorded(idx, heads):
+        widths.append(original(idx, heads))
+        return widths[-1]
+
+    monkeypatch.setattr(chunk, "_state_bv", recorded)
+    check_against_reference(1, 100, 1, 16, 32, torch.float32, "cpu", 1e-5)
+    assert widths and set(widths) == {16}
+
