@@ -55,8 +55,9 @@ def chunk_scores_kernel(
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
     T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i).
-    Grid axis 2: the row block i (all its blocks, 4 programs per chunk; one program per block was
-    slower, RESULTS_kernels.md run 12)."""
+    Grid axis 2: the row block i (all its blocks, 4 programs per chunk). Measured slower on the
+    H200 (RESULTS_kernels.md runs 12-13): one program per block, and the row block's operands
+    loaded once per key slice with the earlier blocks accumulated side by side."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     i_i = tl.program_id(2)
     if i_n >= N:
@@ -73,29 +74,32 @@ def chunk_scores_kernel(
     li = i_i * 16
     ri = row0 + li
 
-    # The row block's operands are loaded once per key slice and shared by its blocks: earlier
-    # sub-blocks j (up to three, accumulated side by side) through the row before sub-block i,
-    # then the diagonal one.
+    # earlier sub-blocks j through the row before sub-block i
+    for j in range(0, i_i):
+        a = tl.zeros([16, 16], dtype=tl.float32)
+        t = tl.zeros([16, 16], dtype=tl.float32)
+        for kc in range(0, K, BKC):
+            c = load_row(G, K, li - 1, 64, kc, K, BKC)
+            rf = tl.exp(load_tile(G, K, li, 64, kc, K, 16, BKC) - c[None, :])
+            ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+            qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
+            er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
+            kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+            kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
+            a += mm(qr, kf, DT)
+            t += mm(er, kf, DT)
+        store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
+        store_tile(t_out, 64, li, 64, j * 16, 64, t)
+
+    # the diagonal sub-block, and zeros in the blocks after it
     r = tl.arange(0, 16)
-    a0 = tl.zeros([16, 16], dtype=tl.float32)
-    t0, a1, t1, a2, t2, a, t = a0, a0, a0, a0, a0, a0, a0
+    a = tl.zeros([16, 16], dtype=tl.float32)
+    t = tl.zeros([16, 16], dtype=tl.float32)
     for kc in range(0, K, BKC):
         Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
         ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
         qi = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
         ei = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki
-        if i_i > 0:
-            c = load_row(G, K, li - 1, 64, kc, K, BKC)
-            rf = tl.exp(Gi - c[None, :])
-            qr, er = qi * rf, ei * rf
-            da, dt = _earlier_block(qr, er, k, G, c, row0, 0, L, SK, kc, K, BKC, DT)
-            a0, t0 = a0 + da, t0 + dt
-            if i_i > 1:
-                da, dt = _earlier_block(qr, er, k, G, c, row0, 1, L, SK, kc, K, BKC, DT)
-                a1, t1 = a1 + da, t1 + dt
-            if i_i > 2:
-                da, dt = _earlier_block(qr, er, k, G, c, row0, 2, L, SK, kc, K, BKC, DT)
-                a2, t2 = a2 + da, t2 + dt
         Gm = load_row(G, K, li + 7, 64, kc, K, BKC)
         if diag_factors_safe(Gi, Gm):
             rf = tl.exp(Gi - Gm[None, :])
@@ -110,30 +114,11 @@ def chunk_scores_kernel(
                 col = r[None, :] == s
                 a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
                 t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
-    if i_i > 0:
-        store_tile(aqk_out, 64, li, 64, 0, 64, a0 * scale)
-        store_tile(t_out, 64, li, 64, 0, 64, t0)
-    if i_i > 1:
-        store_tile(aqk_out, 64, li, 64, 16, 64, a1 * scale)
-        store_tile(t_out, 64, li, 64, 16, 64, t1)
-    if i_i > 2:
-        store_tile(aqk_out, 64, li, 64, 32, 64, a2 * scale)
-        store_tile(t_out, 64, li, 64, 32, 64, t2)
     store_tile(aqk_out, 64, li, 64, li, 64, tl.where(r[:, None] >= r[None, :], a * scale, 0.0))
     store_tile(t_out, 64, li, 64, li, 64, tl.where(r[:, None] > r[None, :], t, 0.0))
     zero = tl.zeros([16, 16], dtype=tl.float32)
     for j in range(i_i + 1, 4):
         store_tile(aqk_out, 64, li, 64, j * 16, 64, zero)
-
-
-@triton.jit
-def _earlier_block(qr, er, k, G, c, row0, j, L, SK, kc, K: tl.constexpr, BKC: tl.constexpr,
-                   DT: tl.constexpr):
-    """One key slice of block (i, j < i) of Aqk (unscaled) and T, from the row block's operands
-    already scaled by exp(G_r - G_c) (c: the row before block i)."""
-    kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
-    kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
-    return mm(qr, kf, DT), mm(er, kf, DT)
 
 
 @triton.jit
