@@ -2,10 +2,12 @@
 forward and backward), with an autograd Function that keeps only the stage's inputs.
 
 The stage is pure data movement with a little arithmetic: per token the forward reads the
-projections once and writes the chunk kernel's inputs once; the backward reads the inputs and the
-output gradients once (the conv taps and the row's L2 norm are recomputed from the inputs, hitting
-cache) and writes the input gradients once. Parameter gradients (conv taps, dt_bias, A_log) are
-per-program partial sums, reduced by torch: deterministic, no atomics.
+projections once and writes the chunk kernel's inputs once. The backward recomputes the conv and
+the row's L2 norm from the inputs, writes the conv's pre-activation gradient once (training dtype)
+and gathers each input row's gradient from the rows its taps reach; recomputing that gradient per
+tap in one kernel instead reloaded every tile ~24 times and took 2.0 ms per 1.3B layer at 16K tokens
+(benchmarks/RESULTS.md). Parameter gradients (conv taps, dt_bias, A_log) are per-program partial
+sums reduced by torch: deterministic, no atomics.
 
 Layouts: projected [s, b, q | k | v | erase | write] and decay [s, b, key_dim] sequence-major as
 Megatron's linears produce them; outputs [b, s, heads, dim] as the chunk kernel takes them.
@@ -42,12 +44,12 @@ def _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH: tl.constexpr, BS: tl.cons
 
 @triton.jit
 def _activate(c, NORM: tl.constexpr, eps):
-    """silu(c), then the row's L2 normalisation when NORM; also returns silu(c) and 1 / norm."""
+    """silu(c), then the row's L2 normalisation when NORM; also returns 1 / norm per row."""
     y = c * tl.sigmoid(c)
     if NORM:
         r = 1.0 / tl.sqrt(tl.sum(y * y, 1) + eps)
-        return y * r[:, None], y, r
-    return y, y, tl.full([c.shape[0]], 1.0, tl.float32)
+        return y * r[:, None], r
+    return y, tl.full([c.shape[0]], 1.0, tl.float32)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -60,7 +62,7 @@ def conv_fwd_kernel(
     i_s, b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s = i_s * BS + tl.arange(0, BS)
     d = tl.arange(0, BD)
-    y, _, _ = _activate(_conv_tile(p, w, pos, s, b, S, B, C, CH0 + i_h * D, D, WIDTH, BS, BD), NORM, eps)
+    y, _ = _activate(_conv_tile(p, w, pos, s, b, S, B, C, CH0 + i_h * D, D, WIDTH, BS, BD), NORM, eps)
     if i_h < HEADS:
         out, h = out0, i_h
     else:
@@ -70,48 +72,66 @@ def conv_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["S"])
-def conv_bwd_kernel(
-    p, w, pos, dout0, dout1, dp, dw_part,
+def conv_act_bwd_kernel(
+    p, w, pos, dout0, dout1, dc_out, dw_part,
     S, B: tl.constexpr, C: tl.constexpr, CH0: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
     CW: tl.constexpr, eps, NORM: tl.constexpr, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):
-    """dp[s, b, ch] = sum over taps of dc[s + shift] w[ch, WIDTH - 1 - shift] (the later row's tap
-    reaching back to s), with dc recomputed at each later row; dw_part[program row, ch, tap] = this
-    block's sum of dc[s] x[s - shift]."""
+    """On conv_fwd_kernel's grid: dc, the gradient of the conv's pre-activation (through the L2
+    norm and SiLU, recomputed from p), into dc_out [S, B, CW]; and this block's sum of dc[s]
+    x[s - shift] for every tap into dw_part[row block, b, channel, tap]."""
     i_s, b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if i_h < HEADS:
         dout, h = dout0, i_h
     else:
         dout, h = dout1, i_h - HEADS
     ch = CH0 + i_h * D
-    s0 = i_s * BS + tl.arange(0, BS)
+    s = i_s * BS + tl.arange(0, BS)
     d = tl.arange(0, BD)
     dmask = d < D
-    dx = tl.zeros([BS, BD], dtype=tl.float32)
+    valid = (s < S)[:, None] & dmask[None, :]
+    c = _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH, BS, BD)
+    n, r = _activate(c, NORM, eps)
+    g = tl.load(dout + ((b * S + s) * HEADS + h)[:, None] * D + d[None, :], mask=valid, other=0.0)
+    g = g.to(tl.float32)
+    if NORM:
+        g = r[:, None] * (g - n * tl.sum(g * n, 1)[:, None])
+    sig = tl.sigmoid(c)
+    dc = g * sig * (1.0 + c * (1.0 - sig))
+    tl.store(dc_out + (s * B + b)[:, None] * CW + ch + d[None, :], dc.to(dc_out.dtype.element_ty),
+             mask=valid)
+    here = tl.load(pos + s * B + b, mask=s < S, other=0)
+    part = dw_part + ((i_s * B + b) * CW + ch + d) * WIDTH
+    for t in tl.static_range(WIDTH):
+        rows = (s < S) & (here >= t)
+        x = tl.load(p + ((s - t) * B + b)[:, None] * C + ch + d[None, :],
+                    mask=rows[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        tl.store(part + (WIDTH - 1 - t), tl.sum(dc * x, 0), mask=dmask)
+
+
+@triton.jit(do_not_specialize=["S"])
+def conv_dx_kernel(
+    dc, w, pos, dp,
+    S, B: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, WIDTH: tl.constexpr, BS: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Grid (row blocks, b, channel blocks of the conv's CW channels): dp[s, b, ch] = sum over
+    taps of dc[s + shift] w[ch, WIDTH - 1 - shift], for the later rows whose tap reaches back to s
+    (within their sequence)."""
+    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s0 = i_s * BS + tl.arange(0, BS)
+    ch = i_c * BC + tl.arange(0, BC)
+    cmask = ch < CW
+    dx = tl.zeros([BS, BC], dtype=tl.float32)
     for shift in tl.static_range(WIDTH):
         s = s0 + shift
-        c = _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH, BS, BD)
-        n, y, r = _activate(c, NORM, eps)
-        g = tl.load(dout + ((b * S + s) * HEADS + h)[:, None] * D + d[None, :],
-                    mask=(s < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if NORM:
-            g = r[:, None] * (g - n * tl.sum(g * n, 1)[:, None])
-        sig = tl.sigmoid(c)
-        dc = g * sig * (1.0 + c * (1.0 - sig))
         reach = (s < S) & (tl.load(pos + s * B + b, mask=s < S, other=0) >= shift)
-        tap = tl.load(w + (ch + d) * WIDTH + (WIDTH - 1 - shift), mask=dmask, other=0.0).to(tl.float32)
-        dx += tl.where(reach[:, None], dc, 0.0) * tap[None, :]
-        if shift == 0:
-            # this block's rows' dc against each tap's input: the taps' gradient
-            here = tl.load(pos + s0 * B + b, mask=s0 < S, other=0)
-            part = dw_part + ((i_s * B + b) * CW + ch + d) * WIDTH
-            for t in tl.static_range(WIDTH):
-                rows = (s0 < S) & (here >= t)
-                x = tl.load(p + ((s0 - t) * B + b)[:, None] * C + ch + d[None, :],
-                            mask=rows[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                tl.store(part + (WIDTH - 1 - t), tl.sum(dc * x, 0), mask=dmask)
-    tl.store(dp + (s0 * B + b)[:, None] * C + ch + d[None, :], dx.to(dp.dtype.element_ty),
-             mask=(s0 < S)[:, None] & dmask[None, :])
+        g = tl.load(dc + (s * B + b)[:, None] * CW + ch[None, :], mask=reach[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        tap = tl.load(w + ch * WIDTH + (WIDTH - 1 - shift), mask=cmask, other=0.0).to(tl.float32)
+        dx += g * tap[None, :]
+    tl.store(dp + (s0 * B + b)[:, None] * C + ch[None, :], dx.to(dp.dtype.element_ty),
+             mask=(s0 < S)[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -183,7 +203,8 @@ def sigmoid_gate_kernel(
 GATE_COLS = 128
 
 
-def _gate_grid(seq_len, batch, width):
+def _column_grid(seq_len, batch, width):
+    """Row blocks x batch x blocks of GATE_COLS channels."""
     return (triton.cdiv(seq_len, ROWS), batch, triton.cdiv(width, GATE_COLS))
 
 
@@ -194,7 +215,7 @@ def _sigmoid_gates(projected, grads, outs, key_dim, value_dim, erase_scale, back
                                              (3 * key_dim + value_dim, value_dim, 1.0))):
         out = outs if backward else outs[i]
         grad = grads[i] if backward else out
-        sigmoid_gate_kernel[_gate_grid(seq_len, batch, width)](
+        sigmoid_gate_kernel[_column_grid(seq_len, batch, width)](
             projected, grad, out, seq_len, batch, C, src, width, float(scale),
             BACKWARD=backward, BS=ROWS, BC=GATE_COLS)
 
@@ -222,7 +243,7 @@ class MixerInputsFunction(torch.autograd.Function):
         conv_fwd_kernel[(rows, batch, v_heads)](
             projected, conv_weight, positions, v, v, seq_len, batch, C, 2 * key_dim, v_heads, head_v_dim,
             NORM=False, BD=triton.next_power_of_2(head_v_dim), **common)
-        decay_fwd_kernel[_gate_grid(seq_len, batch, key_dim)](
+        decay_fwd_kernel[_column_grid(seq_len, batch, key_dim)](
             decay, A_log, dt_bias, g, seq_len, batch, key_dim, head_k_dim, BS=ROWS, BC=GATE_COLS)
         _sigmoid_gates(projected, None, (erase, write), key_dim, value_dim, erase_scale, backward=False)
         ctx.save_for_backward(projected, conv_weight, positions, decay, A_log, dt_bias)
@@ -241,18 +262,24 @@ class MixerInputsFunction(torch.autograd.Function):
         dq, dk, dv, dg, de, dwr = (x.contiguous() for x in (dq, dk, dv, dg, de, dwr))
         rows = triton.cdiv(seq_len, ROWS)
         dp = torch.empty_like(projected)
+        # the pre-activation gradient of the conv channels, in the training dtype: each input row
+        # then gathers it from the WIDTH rows whose taps reach it
+        dc = projected.new_empty(seq_len, batch, conv_channels)
         dw_part = torch.empty(rows, batch, conv_channels, width, device=projected.device, dtype=torch.float32)
         common = dict(eps=L2NORM_EPS, WIDTH=width, BS=ROWS)
-        conv_bwd_kernel[(rows, batch, 2 * heads)](
-            projected, conv_weight, positions, dq, dk, dp, dw_part, seq_len, batch, C, 0, heads,
+        conv_act_bwd_kernel[(rows, batch, 2 * heads)](
+            projected, conv_weight, positions, dq, dk, dc, dw_part, seq_len, batch, C, 0, heads,
             head_k_dim, conv_channels, NORM=True, BD=triton.next_power_of_2(head_k_dim), **common)
-        conv_bwd_kernel[(rows, batch, v_heads)](
-            projected, conv_weight, positions, dv, dv, dp, dw_part, seq_len, batch, C, 2 * key_dim,
+        conv_act_bwd_kernel[(rows, batch, v_heads)](
+            projected, conv_weight, positions, dv, dv, dc, dw_part, seq_len, batch, C, 2 * key_dim,
             v_heads, head_v_dim, conv_channels, NORM=False, BD=triton.next_power_of_2(head_v_dim), **common)
+        conv_dx_kernel[_column_grid(seq_len, batch, conv_channels)](
+            dc, conv_weight, positions, dp, seq_len, batch, C, conv_channels, WIDTH=width, BS=ROWS,
+            BC=GATE_COLS)
         ddecay = torch.empty_like(decay)
         dbias_part = torch.empty(rows, batch, key_dim, device=projected.device, dtype=torch.float32)
         dalog_part = torch.empty_like(dbias_part)
-        decay_bwd_kernel[_gate_grid(seq_len, batch, key_dim)](
+        decay_bwd_kernel[_column_grid(seq_len, batch, key_dim)](
             decay, A_log, dt_bias, dg, ddecay, dbias_part, dalog_part, seq_len, batch, key_dim,
             head_k_dim, BS=ROWS, BC=GATE_COLS)
         _sigmoid_gates(projected, (de, dwr), dp, key_dim, value_dim, erase_scale, backward=True)
