@@ -51,3 +51,19 @@ def test_foreach_l2_norm_is_the_global_norm():
     expected = torch.cat([g.detach().flatten() for g in grads]).norm()
     assert norm.shape == (1,)
     torch.testing.assert_close(norm[0], expected)
+
+
+def test_foreach_scale_matches_megatrons_local_scale():
+    from megatron.core.utils import local_multi_tensor_scale
+
+    from megatron_gdn2.training.optimizer import foreach_scale
+
+    for same in (True, False):
+        src = [t.detach().clone() for t in _params(3)]
+        dst = src if same else [torch.zeros_like(t) for t in src]
+        expected_src = [t.clone() for t in src]
+        expected_dst = [t.clone() for t in dst]
+        local_multi_tensor_scale(2048, None, [expected_src, expected_src if same else expected_dst], 0.3)
+        foreach_scale(2048, None, [src, dst], 0.3)
+        for got, want in zip(dst, expected_src if same else expected_dst):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
