@@ -210,8 +210,9 @@ def _core_gpu_checks(out):
 
 
 def _model_gpu_checks(out):
-    """The hybrid model in bf16, Flex vs blocked SDPA core attention (same weights); three training
-    steps with Flex add no compiled graph after the first."""
+    """The hybrid model in bf16, Flex vs blocked SDPA core attention (same weights), each against
+    the same model in fp32 (blocked SDPA); three training steps with Flex add no compiled graph
+    after the first."""
     import torch.nn.functional as F
 
     from megatron_gdn2.configs import ModelConfig
@@ -223,9 +224,11 @@ def _model_gpu_checks(out):
     tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1),
                            generator=torch.Generator().manual_seed(0)).cuda()
     state, results = None, {}
-    for impl in ("sdpa", "flex"):
-        config = make_transformer_config(model_cfg, params_dtype=torch.bfloat16, bf16=True,
-                                         swa_attention_impl=impl, transformer_impl="local")
+    for impl in ("sdpa", "flex", "fp32"):
+        dtype = torch.float32 if impl == "fp32" else torch.bfloat16
+        config = make_transformer_config(model_cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                                         swa_attention_impl="sdpa" if impl == "fp32" else impl,
+                                         transformer_impl="local")
         model = build_model(model_cfg, config)
         if state is None:
             state = model.state_dict()
@@ -242,6 +245,10 @@ def _model_gpu_checks(out):
     (loss_sdpa, grads_sdpa), (loss_flex, grads_flex) = results["sdpa"], results["flex"]
     out["model_loss_diff"] = abs(loss_flex - loss_sdpa)
     out["model_grad_rel_diff"] = max(_rel(grads_flex[n], g) for n, g in grads_sdpa.items())
+    # the bf16 noise of this model: each bf16 run's worst per-parameter gradient error against fp32
+    grads_fp32 = results["fp32"][1]
+    for impl in ("sdpa", "flex"):
+        out[f"model_grad_err_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_fp32.items())
 
 
 def gpu_swa_checks():
@@ -284,5 +291,10 @@ def test_flex_compiles_once(gpu_checks):
 
 @pytest.mark.gpu
 def test_hybrid_model_flex_matches_blocked_sdpa_bf16(gpu_checks):
+    """Flex against blocked SDPA, both bf16: the loss within 1e-2, and Flex's gradients as close to
+    the fp32 model's as SDPA's are (the two bf16 runs differ by up to ~0.05 relative in some
+    parameter, run 13 of RESULTS_gpu_tests.md, which is the bf16 noise of this model, not a bound
+    on the attention)."""
     assert gpu_checks["model_loss_diff"] < 1e-2, gpu_checks
-    assert gpu_checks["model_grad_rel_diff"] < 5e-2, gpu_checks
+    err_sdpa, err_flex = gpu_checks["model_grad_err_sdpa"], gpu_checks["model_grad_err_flex"]
+    assert err_sdpa < 0.1 and err_flex < 1.5 * err_sdpa + 5e-3, gpu_checks
