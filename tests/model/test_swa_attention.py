@@ -293,7 +293,7 @@ def test_flex_compiles_once(gpu_checks):
 def test_hybrid_model_flex_matches_blocked_sdpa_bf16(gpu_checks):
     """Flex against blocked SDPA, both bf16: the loss within 1e-2, and Flex's gradients as close to
     the fp32 model's as SDPA's are (the two bf16 runs differ by up to ~0.05 relative in some
-    parameter, run 13 of RESULTS_gpu_tests.md, which is the bf16 noise of this model, not a bound
+    parameter, run 11 of RESULTS_gpu_tests.md, which is the bf16 noise of this model, not a bound
     on the attention)."""
     assert gpu_checks["model_loss_diff"] < 1e-2, gpu_checks
     err_sdpa, err_flex = gpu_checks["model_grad_err_sdpa"], gpu_checks["model_grad_err_flex"]
