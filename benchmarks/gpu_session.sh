@@ -5,7 +5,7 @@
 #    or: bash benchmarks/gpu_session.sh lanes "STEPS" "STEPS" ...   (lane i on GPU i, in parallel)
 #   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
-#   sweep    bench_gdn2.py --sweep "$SWEEP" (launch-configuration variants, ours only)
+#   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
@@ -66,7 +66,7 @@ for step in "${@:-all}"; do
         status=$((status | PIPESTATUS[0]))
         (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar -czf "$OUT/triton_autotune.tgz" -T -) ;;&
     sweep)
-        python3 benchmarks/bench_gdn2.py --shapes 4x4096 --sweep "${SWEEP:-}" 2>&1 \
+        python3 benchmarks/bench_gdn2.py --shapes "${SWEEP_SHAPE:-4x4096}" --sweep "${SWEEP:-}" 2>&1 \
             | tee "$OUT/bench_sweep.log" | grep -E "fwd|chunk_|total|failed"
         status=$((status | PIPESTATUS[0])) ;;
     mixer)
