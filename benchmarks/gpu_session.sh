@@ -7,6 +7,7 @@
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
+#   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
 # Triton's autotune results are cached on disk (TRITON_CACHE_AUTOTUNING): `kernels` leaves them in
@@ -71,6 +72,9 @@ for step in "${@:-all}"; do
         status=$((status | PIPESTATUS[0])) ;;
     mixer)
         python3 benchmarks/bench_mixer_inputs.py 2>&1 | tee "$OUT/bench_mixer_inputs.log" | tail -8
+        status=$((status | PIPESTATUS[0])) ;;
+    swa)
+        python3 benchmarks/bench_swa.py 2>&1 | tee "$OUT/bench_swa.log" | tail -12
         status=$((status | PIPESTATUS[0])) ;;
     profile)
         python3 benchmarks/train_throughput.py --profile 2>&1 | tee "$OUT/profile_run.log" | tail -40

@@ -1,0 +1,80 @@
+"""The SWA layers' core attention on one GPU at the 1.3B hybrid's shapes (18 heads of 128, window
+2048, bf16): our compiled FlexAttention with its sliding-window block mask under FlexAttention's
+kernel options, beside causal flash SDPA over the same tokens (the cost of a window that covers
+the sequence), forward+backward median times, in one process.
+
+    python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--variants 'default;ROWS_GUARANTEED_SAFE=1']
+
+A variant is a `,`-separated list of kernel option=value (ints); one that does not compile is
+reported and skipped.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+from triton.testing import do_bench
+
+from megatron_gdn2.layers.swa import sliding_window_block_mask
+
+HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
+VARIANTS = ("default;ROWS_GUARANTEED_SAFE=1;"
+            "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3;"
+            "BLOCK_M1=64,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_warps=8,num_stages=3;"
+            "BLOCK_M1=32,BLOCK_N1=64,BLOCK_M2=64,BLOCK_N2=32,num_warps=4,num_stages=3")
+
+
+def parse(variant):
+    if variant == "default":
+        return {}
+    return {k: int(v) for k, v in (item.split("=") for item in variant.split(","))}
+
+
+def fwd_bwd_ms(fn, q, k, v, grad):
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        fn(q, k, v).backward(grad)
+    step()
+    step()
+    return do_bench(step, return_mode="median")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="4x4096,1x16384")
+    parser.add_argument("--variants", default=VARIANTS)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    compiled = torch.compile(flex_attention, dynamic=False)
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {HEADS} heads of "
+             f"{HEAD_DIM}, window {WINDOW}, bf16, forward+backward median ms", "",
+             "| shape | core attention | fwd+bwd ms |", "|---|---|---|"]
+    for shape in args.shapes.split(","):
+        batch, seq_len = map(int, shape.split("x"))
+        q, k, v = (torch.randn(batch, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+        mask = sliding_window_block_mask(seq_len, WINDOW, q.device)
+        rows = [("flash SDPA, full causal (reference)",
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+        for variant in args.variants.split(";"):
+            options = parse(variant)
+            rows.append((f"flex, window: {variant}", lambda q, k, v, o=options, m=mask:
+                         compiled(q, k, v, block_mask=m, kernel_options=o or None)))
+        for name, fn in rows:
+            try:
+                ms = f"{fwd_bwd_ms(fn, q, k, v, grad):.3f}"
+            except Exception as exc:  # a variant that does not compile must not end the run
+                ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+            lines.append(f"| {shape} | {name} | {ms} |")
+            print(lines[-1], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_swa.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
