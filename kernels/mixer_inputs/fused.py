@@ -140,19 +140,28 @@ def _softplus(z):
     return tl.where(z > 20.0, z, tl.where(z < -15.0, tl.exp(z), tl.log(1.0 + tl.exp(z))))
 
 
+@triton.jit
+def _decay_tile(decay, a_log, dt_bias, S, B, KD: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr,
+                BC: tl.constexpr):
+    """This program's rows s, batch b, channels col and mask; z = decay + dt_bias (fp32) there, and
+    each channel's exp(A_log[head])."""
+    s = tl.program_id(0) * BS + tl.arange(0, BS)
+    b = tl.program_id(1)
+    col = tl.program_id(2) * BC + tl.arange(0, BC)
+    m = (s < S)[:, None] & (col < KD)[None, :]
+    z = tl.load(decay + (s * B + b)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
+    z += tl.load(dt_bias + col, mask=col < KD, other=0.0).to(tl.float32)[None, :]
+    rate = tl.exp(tl.load(a_log + col // DK, mask=col < KD, other=0.0).to(tl.float32))
+    return s, b, col, m, z, rate
+
+
 @triton.jit(do_not_specialize=["S"])
 def decay_fwd_kernel(
     decay, a_log, dt_bias, g_out,
     S, B: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
 ):
     """g[b, s, :] = -exp(A_log[head]) softplus(decay[s, b, :] + dt_bias), fp32."""
-    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    s = i_s * BS + tl.arange(0, BS)
-    col = i_c * BC + tl.arange(0, BC)
-    m = (s < S)[:, None] & (col < KD)[None, :]
-    z = tl.load(decay + (s * B + b)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
-    z += tl.load(dt_bias + col, mask=col < KD, other=0.0).to(tl.float32)[None, :]
-    rate = tl.exp(tl.load(a_log + col // DK, mask=col < KD, other=0.0).to(tl.float32))
+    s, b, col, m, z, rate = _decay_tile(decay, a_log, dt_bias, S, B, KD, DK, BS, BC)
     tl.store(g_out + (b * S + s)[:, None] * KD + col[None, :], -rate[None, :] * _softplus(z), mask=m)
 
 
@@ -163,17 +172,11 @@ def decay_bwd_kernel(
 ):
     """decay_fwd_kernel's backward; dt_bias's and A_log's gradients as this block's per-channel
     partial sums (A_log's summed over each head's channels by the caller: d g / d A_log = g)."""
-    i_s, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    s = i_s * BS + tl.arange(0, BS)
-    col = i_c * BC + tl.arange(0, BC)
-    m = (s < S)[:, None] & (col < KD)[None, :]
-    z = tl.load(decay + (s * B + b)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
-    z += tl.load(dt_bias + col, mask=col < KD, other=0.0).to(tl.float32)[None, :]
-    rate = tl.exp(tl.load(a_log + col // DK, mask=col < KD, other=0.0).to(tl.float32))
+    s, b, col, m, z, rate = _decay_tile(decay, a_log, dt_bias, S, B, KD, DK, BS, BC)
     grad = tl.load(dg + (b * S + s)[:, None] * KD + col[None, :], mask=m, other=0.0).to(tl.float32)
     dz = -rate[None, :] * tl.sigmoid(z) * grad
     tl.store(ddecay + (s * B + b)[:, None] * KD + col[None, :], dz.to(ddecay.dtype.element_ty), mask=m)
-    part = (i_s * B + b) * KD + col
+    part = (tl.program_id(0) * B + b) * KD + col
     tl.store(dbias_part + part, tl.sum(dz, 0), mask=col < KD)
     tl.store(dalog_part + part, tl.sum(grad * -rate[None, :] * _softplus(z), 0), mask=col < KD)
 
