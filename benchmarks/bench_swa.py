@@ -48,6 +48,9 @@ def main():
     parser.add_argument("--variants", default=VARIANTS)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    # every variant and shape is a new graph: past torch's default limit (8) flex_attention would
+    # fall back to its eager form, which materialises the scores
+    torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(flex_attention, dynamic=False)
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {HEADS} heads of "
              f"{HEAD_DIM}, window {WINDOW}, bf16, forward+backward median ms", "",
