@@ -362,9 +362,14 @@ def log(message: str) -> None:
 
 
 def triton_cache_state() -> str:
+    """Compiled kernels in the Triton cache (entries holding only autotune results, as carried for
+    fla by gpu_session.sh, do not make it warm)."""
     cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
-    entries = sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
-    return f"{'warm' if entries else 'cold'} ({entries} entries in {cache} at start)"
+    def compiled(entry: Path) -> bool:
+        return entry.is_dir() and any(not f.name.endswith(".autotune.json") for f in entry.iterdir())
+
+    entries = sum(map(compiled, cache.iterdir())) if cache.is_dir() else 0
+    return f"{'warm' if entries else 'cold'} ({entries} compiled entries in {cache} at start)"
 
 
 def environment(args, peak: float | None) -> dict[str, str]:
