@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batch loader: torch (default) or dali (same batches, needs the dali extra)")
     g.add_argument("--seq-length", type=_count("--seq-length"), default=None)
     g.add_argument("--kernel-backend", default=None, help="GDN-2 kernel backend (default: model's)")
+    g.add_argument("--swa-fuse-qkv", action="store_true",
+                   help="SWA layers split linear_qkv's output inside their fused RoPE/layout function")
 
     g = p.add_argument_group("batch and length")
     g.add_argument("--micro-batch-size", "--micro_batch_size", dest="micro_batch_size", type=int,
@@ -218,6 +220,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
         seed=args.seed,
         precision=args.precision,
         kernel_backend=args.kernel_backend,
+        swa_fuse_qkv=args.swa_fuse_qkv,
         max_nonfinite_steps=args.max_nonfinite_steps,
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tp,

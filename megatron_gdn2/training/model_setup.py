@@ -105,6 +105,7 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         kernel_backend=cfg.kernel_backend,
+        swa_fuse_qkv=cfg.swa_fuse_qkv,
         recompute=p.recompute,
         calculate_per_token_loss=True,
     )

@@ -248,7 +248,11 @@ def _model_path_checks(out):
     separate = torch.cat([model(chunk, None, None) for chunk in tokens.split(lengths, dim=1)], dim=1)
     out["model_packed_vs_separate"] = _rel(packed, separate)
 
-    for window, variants in ((5, ("sdpa", "flex", "recompute", "selective")), (32, ("sdpa", "flex"))):
+    from megatron_gdn2.layers import swa
+
+    fused = swa.split_rotary_heads_first
+    for window, variants in ((5, ("sdpa", "flex", "recompute", "selective", "sdpa_unfused")),
+                             (32, ("sdpa", "flex"))):
         model_cfg = get_model_config("swa_gdn2_tiny", swa_window=window)
         tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, model_cfg.seq_length + 1),
                                generator=torch.Generator().manual_seed(5))
@@ -257,12 +261,19 @@ def _model_path_checks(out):
             # (the local attention's mask is allocated with device="cuda", which the CPU patches do
             # not rewrite inside a recomputing backward: recompute runs with the blocked SDPA path)
             kwargs = ({"swa_attention_impl": "sdpa", "recompute": name.replace("recompute", "full")}
-                      if name in ("recompute", "selective") else {"swa_attention_impl": name})
-            with flex_backward_on_cpu():
-                other_loss, other_grads, _ = _loss_and_grads(model_cfg, tokens, state, **kwargs)
+                      if name in ("recompute", "selective") else {"swa_attention_impl": name.split("_")[0]})
+            kwargs["swa_fuse_qkv"] = not name.endswith("_unfused")
+            calls = []
+            swa.split_rotary_heads_first = lambda *args, calls=calls: calls.append(1) or fused(*args)
+            try:
+                with flex_backward_on_cpu():
+                    other_loss, other_grads, _ = _loss_and_grads(model_cfg, tokens, state, **kwargs)
+            finally:
+                swa.split_rotary_heads_first = fused
             key = name if window < model_cfg.seq_length else f"{name}_full"
             out[f"{key}_loss_diff"] = (other_loss - loss).abs().item()
             out[f"{key}_grad_rel_diff"] = max(_rel(other_grads[n], grads[n]) for n in grads)
+            out[f"{key}_fused_qkv_calls"] = len(calls)
 
 
 def _count_checks(out):
@@ -328,10 +339,18 @@ def test_paper_initialisation(checks):
     assert all(0.97 < r <= 1.0 for r in checks["role_max_over_bound"]), checks["role_max_over_bound"]
 
 
-@pytest.mark.parametrize("variant", ["sdpa", "flex", "recompute", "selective", "sdpa_full", "flex_full"])
+@pytest.mark.parametrize("variant", ["sdpa", "flex", "recompute", "selective", "sdpa_full", "flex_full",
+                                     "sdpa_unfused"])
 def test_sdpa_flex_attention_and_recompute_match_local_path(checks, variant):
+    """Every path against Megatron's local attention; all but the _unfused one split linear_qkv's
+    output inside the core attention (swa_fuse_qkv), once per SWA layer's forward at least."""
+    from megatron_gdn2.configs import SWA_BLOCK, get_model_config
+
     assert checks[f"{variant}_loss_diff"] < 1e-6, checks[f"{variant}_loss_diff"]
     assert checks[f"{variant}_grad_rel_diff"] < 1e-5, checks[f"{variant}_grad_rel_diff"]
+    swa_layers = get_model_config("swa_gdn2_tiny").layers.count(SWA_BLOCK)
+    calls = checks[f"{variant}_fused_qkv_calls"]
+    assert calls == 0 if variant.endswith("_unfused") else calls >= swa_layers, (variant, calls)
 
 
 @pytest.mark.parametrize("case", ["gdn2_tiny", "swa_gdn2_tiny", "gdn2_1.3B/G", "swa_gdn2_1.3B/GA"])
