@@ -84,3 +84,51 @@ def flex_backward_on_cpu():
     import torch.nn.attention.flex_attention as flex_module
 
     return mock.patch.object(flex_module, "_validate_device", lambda query, key, value: None)
+
+
+def _reference_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask,
+                             *, scale=None, window_size_left=None, window_size_right=None):
+    """FlashAttention-2's varlen forward semantics in fp64 (q [tokens, heads, d], k/v [tokens, groups,
+    d], query head h reads key-value head h // (heads / groups); causal; a window keeps keys
+    i - left <= j <= i). Returns the op's (output, logsumexp [heads, tokens], rng_state, unused,
+    debug)."""
+    assert torch.equal(cu_q, cu_k) and dropout_p == 0.0 and is_causal and window_size_right == 0
+    heads, groups = q.shape[1], k.shape[1]
+    qd, kd, vd = (x.double() for x in (q, k, v))
+    kd, vd = (x.repeat_interleave(heads // groups, dim=1) for x in (kd, vd))
+    out, lse = torch.zeros_like(qd), torch.zeros(heads, q.shape[0], dtype=torch.float64)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i = torch.arange(end - start)
+        allowed = i[None, :] <= i[:, None]
+        if window_size_left is not None and window_size_left >= 0:
+            allowed &= i[None, :] >= i[:, None] - window_size_left
+        scores = torch.einsum("qhd,khd->hqk", qd[start:end], kd[start:end]) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse[:, start:end] = torch.logsumexp(scores, dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vd[start:end])
+    empty = torch.empty(0)
+    return out.to(q.dtype), lse.float(), empty, empty, empty
+
+
+def _reference_flash_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
+                              rng_state, unused, *, scale=None, window_size_left=None,
+                              window_size_right=None):
+    """The varlen backward of _reference_flash_forward (autograd through it in fp64)."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    with torch.enable_grad():
+        ref = _reference_flash_forward(*leaves, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, False,
+                                       scale=scale, window_size_left=window_size_left,
+                                       window_size_right=window_size_right)[0]
+        ref.backward(grad.double())
+    return tuple(x.grad.to(y.dtype) for x, y in zip(leaves, (q, k, v)))
+
+
+def reference_flash_ops():
+    """Context in which torch's FlashAttention varlen ops (CUDA only) are replaced by an fp64 reference
+    of their semantics, so the "flash" SWA core attention's layouts, sequence offsets, window and
+    grouped-query arguments are checked on CPU. The kernels themselves are checked by the GPU tests."""
+    from unittest import mock
+
+    from megatron_gdn2.layers import swa
+
+    return mock.patch.object(swa, "flash_ops", lambda: (_reference_flash_forward, _reference_flash_backward))

@@ -93,7 +93,7 @@ def test_bad_recompute_attention_and_kernel_choice():
     with pytest.raises(ValueError, match="recompute must be one of"):
         make_transformer_config(get_model_config("gdn2_tiny"), recompute="some")
     with pytest.raises(ValueError, match="swa_attention_impl must be one of"):
-        make_transformer_config(get_model_config("swa_gdn2_tiny"), swa_attention_impl="flash")
+        make_transformer_config(get_model_config("swa_gdn2_tiny"), swa_attention_impl="flash2")
     with pytest.raises(ValueError, match="gdn2_kernel_backend must be one of"):
         make_transformer_config(get_model_config("gdn2_tiny"), kernel_backend="cuda")
 
