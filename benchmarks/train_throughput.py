@@ -287,6 +287,7 @@ def build_trainer(model_cfg, point: Point, batches, args):
     cfg = PretrainConfig(model=model_cfg.name, seq_length=point.seq, micro_batch_size=point.batch,
                          global_batch_size=point.batch, train_iters=steps, seed=args.seed,
                          kernel_backend=args.kernel_backend, swa_fuse_qkv=args.swa_fuse_qkv,
+                         swa_attention_impl=args.swa_attention_impl,
                          parallel=ParallelConfig(use_distributed_optimizer=True),
                          # Peak learning rate after the first step: the updates are of a realistic size.
                          optim=OptimizerSettings(warmup_tokens=point.seq * point.batch))
@@ -618,6 +619,8 @@ def probe_time_to_first_step(args, point: Point) -> str:
         command += ["--kernel-backend", args.kernel_backend]
     if args.swa_fuse_qkv:
         command.append("--swa-fuse-qkv")
+    if args.swa_attention_impl:
+        command += ["--swa-attention-impl", args.swa_attention_impl]
     log(f"time-to-first-step probe: {' '.join(command[1:])}")
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.probe_timeout)
@@ -763,6 +766,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--swa-fuse-qkv", action="store_true",
                    help="SWA layers split linear_qkv's output in their fused RoPE function")
+    p.add_argument("--swa-attention-impl", help="SWA core attention (default: the model's, flex on a GPU)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the device for MFU")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-ttfs-probe", action="store_true", help="skip the fresh-process first-step timing")
