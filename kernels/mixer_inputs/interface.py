@@ -48,6 +48,9 @@ def mixer_inputs(projected: torch.Tensor, conv_weight: torch.Tensor, positions: 
         backend = "triton" if projected.is_cuda else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and max(projected.numel(), decay.numel()) >= 2 ** 31:
+        raise ValueError(f"projected {tuple(projected.shape)} has 2^31 elements or more, past the Triton "
+                         f"kernels' 32-bit offsets: use fewer tokens per micro-batch or backend='torch'")
     if backend == "torch":
         return mixer_inputs_torch(projected, conv_weight, positions, decay, A_log, dt_bias, erase_scale,
                                   head_k_dim, head_v_dim)

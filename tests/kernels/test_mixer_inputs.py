@@ -118,6 +118,17 @@ def test_bad_input_names_the_argument(name, bad, message):
                      args["dt_bias"], 2.0, 16, 16)
 
 
+def test_refuses_tensors_past_32_bit_offsets():
+    tensors, positions = make_case(8, 1, 2, 2, 16, 16)
+    rows = 2 ** 31 // 160 + 1  # q | k | v | erase | write, 32 wide each: 2^31 elements and more
+    big = torch.empty(rows, 1, 160, dtype=torch.bfloat16, device="meta")
+    decay = torch.empty(rows, 1, 32, dtype=torch.bfloat16, device="meta")
+    positions = torch.zeros(rows, 1, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        mixer_inputs(big, tensors["conv_weight"].float(), positions, decay, tensors["A_log"].float(),
+                     tensors["dt_bias"].float(), 2.0, 16, 16, backend="triton")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_gpu(dtype, tol):
