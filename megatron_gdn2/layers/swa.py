@@ -12,7 +12,7 @@ before it. Its core attention is chosen by `swa_core_attention(config)`:
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
     "local"  Megatron's DotProductAttention (materialises the [T, T] scores; CPU tests)
 
-With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it hands the rotary embedding to
+With "flex", "flash" and "sdpa" the layer is RotaryInCoreSelfAttention: it hands the rotary embedding to
 the core attention, which applies it fused with its [s, b] -> [b, heads, s] layout change, and,
 where the layout allows (`config.swa_fuse_qkv`), also linear_qkv's output whole, so the q/k/v split
 joins that fused function and its backward writes the projection's gradient in one pass.
