@@ -139,6 +139,8 @@ def breakdown(fn, t, label, iters=5):
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            for x in leaves:
+                x.grad = None  # else every backward after the first adds into .grad (not the op's cost)
             fn(t).backward(do)
         torch.cuda.synchronize()
     for x in leaves:
