@@ -25,13 +25,12 @@ ROWS = 32  # sequence positions per program
 
 
 @triton.jit
-def _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+def _conv_tile(p, w, here, s, b, S, B, C, ch, D, WIDTH: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
     """Pre-activation c [BS, BD] of the causal depthwise conv at rows s (int vector) of batch b,
-    channels ch..ch+D of `p` ([S, B, C] row-major); taps reaching before a sequence start (pos)
-    read zero."""
+    channels ch..ch+D of `p` ([S, B, C] row-major); taps reaching before a sequence start (here:
+    the rows' positions in their sequences) read zero."""
     d = tl.arange(0, BD)
     valid_s = s < S
-    here = tl.load(pos + s * B + b, mask=valid_s, other=0)
     c = tl.zeros([BS, BD], dtype=tl.float32)
     for shift in tl.static_range(WIDTH):
         tap = tl.load(w + (ch + d) * WIDTH + (WIDTH - 1 - shift), mask=d < D, other=0.0).to(tl.float32)
@@ -62,7 +61,8 @@ def conv_fwd_kernel(
     i_s, b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s = i_s * BS + tl.arange(0, BS)
     d = tl.arange(0, BD)
-    y, _ = _activate(_conv_tile(p, w, pos, s, b, S, B, C, CH0 + i_h * D, D, WIDTH, BS, BD), NORM, eps)
+    here = tl.load(pos + s * B + b, mask=s < S, other=0)
+    y, _ = _activate(_conv_tile(p, w, here, s, b, S, B, C, CH0 + i_h * D, D, WIDTH, BS, BD), NORM, eps)
     if i_h < HEADS:
         out, h = out0, i_h
     else:
@@ -90,7 +90,8 @@ def conv_act_bwd_kernel(
     d = tl.arange(0, BD)
     dmask = d < D
     valid = (s < S)[:, None] & dmask[None, :]
-    c = _conv_tile(p, w, pos, s, b, S, B, C, ch, D, WIDTH, BS, BD)
+    here = tl.load(pos + s * B + b, mask=s < S, other=0)
+    c = _conv_tile(p, w, here, s, b, S, B, C, ch, D, WIDTH, BS, BD)
     n, r = _activate(c, NORM, eps)
     g = tl.load(dout + ((b * S + s) * HEADS + h)[:, None] * D + d[None, :], mask=valid, other=0.0)
     g = g.to(tl.float32)
@@ -100,7 +101,6 @@ def conv_act_bwd_kernel(
     dc = g * sig * (1.0 + c * (1.0 - sig))
     tl.store(dc_out + (s * B + b)[:, None] * CW + ch + d[None, :], dc.to(dc_out.dtype.element_ty),
              mask=valid)
-    here = tl.load(pos + s * B + b, mask=s < S, other=0)
     part = dw_part + ((i_s * B + b) * CW + ch + d) * WIDTH
     for t in tl.static_range(WIDTH):
         rows = (s < S) & (here >= t)
@@ -231,7 +231,7 @@ class MixerInputsFunction(torch.autograd.Function):
         key_dim, value_dim = split_widths(conv_weight, decay)
         heads, v_heads = key_dim // head_k_dim, value_dim // head_v_dim
         width = conv_weight.shape[1]
-        projected, decay, positions = projected.contiguous(), decay.contiguous(), positions.contiguous()
+        projected, decay = projected.contiguous(), decay.contiguous()
         positions = positions.expand(seq_len, batch).contiguous()
         new = projected.new_empty
         q, k = new(batch, seq_len, heads, head_k_dim), new(batch, seq_len, heads, head_k_dim)
