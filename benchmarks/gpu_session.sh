@@ -9,6 +9,7 @@
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
+#   train:X  train_throughput.py ${TRAIN_ARGS_X} into train_throughput_X.log (variants side by side)
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
 # Triton's autotune results are cached on disk (TRITON_CACHE_AUTOTUNING): `kernels` leaves them in
 # $OUT/triton_autotune.tgz; carried back as .whl/triton_autotune.tgz they spare fla's minutes of
@@ -83,6 +84,12 @@ for step in "${@:-all}"; do
         # shellcheck disable=SC2086
         python3 benchmarks/train_throughput.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_throughput.log" | tail -60
         status=$((status | PIPESTATUS[0])) ;;&
+    train:*)
+        variant=${step#train:}
+        args_var=TRAIN_ARGS_$variant
+        # shellcheck disable=SC2086
+        python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 | tee "$OUT/train_throughput_$variant.log" | tail -30
+        status=$((status | PIPESTATUS[0])) ;;
     multi | all)
         python3 benchmarks/multi_gpu.py all --workdir /tmp/mg ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" | tail -60
         status=$((status | PIPESTATUS[0])) ;;
