@@ -1,9 +1,10 @@
 """Per-chunk forward kernels: everything about a chunk that does not depend on the entering state.
 
-Four launches, each small enough to run without register spills:
+Three or four launches:
   chunk_cumsum_kernel   (chunk, head):       G = cumsum(g) in fp32 (chunk-major) and G_C
   chunk_scores_kernel   (chunk, head, i):    row sub-block i of Aqk (times scale) and T
   chunk_solve_kernel    (chunk, head):       A = (I + T)^-1 (fp32, 16x16 blocks then combination)
+    or both in chunk_scores_solve_kernel (chunk, head)   (KernelConfig.scores_solve_fused)
   chunk_wy_fwd_kernel   (chunk, head):       Y = A Ebar, U = A Z, Qg = scale q e^G, Ktail = k e^(G_C - G)
 Inputs are token-major ([tokens, H, D], rows past a sequence's end read as zeros, so G stays
 constant there and G at row 63 is G_C); the per-chunk outputs are chunk-major, 64 rows per chunk
@@ -46,6 +47,46 @@ def chunk_cumsum_kernel(
         tl.store(gc_out + kc + tl.arange(0, BKC), tl.sum(x, 0))
 
 
+@triton.jit
+def _offdiag_block(a, t, qr, er, kj, Gj, c, DT: tl.constexpr):
+    """Adds one key slice of the block pair (i, j < i) of Aqk (unscaled) and T: qr and er are the
+    row block's q and b*k already times exp(G_i - c), c the row before block i."""
+    kf = tl.trans(kj * tl.exp(c[None, :] - Gj))
+    return a + mm(qr, kf, DT), t + mm(er, kf, DT)
+
+
+@triton.jit
+def _diag_block(a, t, qi, ki, ei, Gi, Gm, DT: tl.constexpr):
+    """Adds one key slice of a diagonal block of Aqk (unscaled) and T, upper triangles unmasked:
+    through the middle row Gm on tensor cores when the block's decay span allows it, else exactly,
+    column by column with the upper triangle masked before the exponential."""
+    if diag_factors_safe(Gi, Gm):
+        rf = tl.exp(Gi - Gm[None, :])
+        kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
+        a += mm(qi * rf, kf, DT)
+        t += mm(ei * rf, kf, DT)
+    else:
+        r = tl.arange(0, 16)
+        for s in range(0, 16):
+            row = r[:, None] == s
+            ks = tl.sum(tl.where(row, ki, 0.0), 0)
+            Gs = tl.sum(tl.where(row, Gi, 0.0), 0)
+            kf = ks[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
+            col = r[None, :] == s
+            a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
+            t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
+    return a, t
+
+
+@triton.jit
+def _lower(x, strict: tl.constexpr):
+    r = tl.arange(0, 16)
+    if strict:
+        return tl.where(r[:, None] > r[None, :], x, 0.0)
+    else:
+        return tl.where(r[:, None] >= r[None, :], x, 0.0)
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_scores_kernel(
     q, k, b, G, aqk_out, t_out,
@@ -85,37 +126,21 @@ def chunk_scores_kernel(
             qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
             er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
             kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
-            kf = tl.trans(kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
-            a += mm(qr, kf, DT)
-            t += mm(er, kf, DT)
+            a, t = _offdiag_block(a, t, qr, er, kj, load_tile(G, K, j * 16, 64, kc, K, 16, BKC), c, DT)
         store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
         store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
     # the diagonal sub-block, and zeros in the blocks after it
-    r = tl.arange(0, 16)
     a = tl.zeros([16, 16], dtype=tl.float32)
     t = tl.zeros([16, 16], dtype=tl.float32)
     for kc in range(0, K, BKC):
-        Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
         ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
-        qi = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
-        ei = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki
-        Gm = load_row(G, K, li + 7, 64, kc, K, BKC)
-        if diag_factors_safe(Gi, Gm):
-            rf = tl.exp(Gi - Gm[None, :])
-            kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
-            a += mm(qi * rf, kf, DT)
-            t += mm(ei * rf, kf, DT)
-        else:
-            for s in range(0, 16):
-                ks = load_row(k, SK, ri + s, L, kc, K, BKC).to(tl.float32)
-                Gs = load_row(G, K, li + s, 64, kc, K, BKC)
-                kf = ks[None, :] * tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))
-                col = r[None, :] == s
-                a += tl.where(col, tl.sum(qi * kf, 1)[:, None], 0.0)
-                t += tl.where(col, tl.sum(ei * kf, 1)[:, None], 0.0)
-    store_tile(aqk_out, 64, li, 64, li, 64, tl.where(r[:, None] >= r[None, :], a * scale, 0.0))
-    store_tile(t_out, 64, li, 64, li, 64, tl.where(r[:, None] > r[None, :], t, 0.0))
+        Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
+        a, t = _diag_block(a, t, load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32), ki,
+                           load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki,
+                           Gi, load_row(G, K, li + 7, 64, kc, K, BKC), DT)
+    store_tile(aqk_out, 64, li, 64, li, 64, _lower(a * scale, False))
+    store_tile(t_out, 64, li, 64, li, 64, _lower(t, True))
     zero = tl.zeros([16, 16], dtype=tl.float32)
     for j in range(i_i + 1, 4):
         store_tile(aqk_out, 64, li, 64, j * 16, 64, zero)
@@ -130,6 +155,28 @@ def _store_block_row(ptr, i, b0, b1, b2, b3):
     store_tile(ptr, 64, i * 16, 64, 48, 64, b3)
 
 
+@triton.jit
+def _store_inverse(a_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, DT: tl.constexpr):
+    """Stores A = (I + T)^-1 from the ten lower 16x16 blocks of T (diagonal blocks strictly lower),
+    by blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj. All 16 blocks
+    are written (zeros above the diagonal) so later kernels load A as one tile."""
+    I00 = unit_lower_inverse(T00, DT)
+    I11 = unit_lower_inverse(T11, DT)
+    I22 = unit_lower_inverse(T22, DT)
+    I33 = unit_lower_inverse(T33, DT)
+    I10 = -mm_exact(I11, mm_exact(T10, I00, DT), DT)
+    I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
+    I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
+    I20 = -mm_exact(I22, mm_exact(T20, I00, DT) + mm_exact(T21, I10, DT), DT)
+    I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
+    I30 = -mm_exact(I33, mm_exact(T30, I00, DT) + mm_exact(T31, I10, DT) + mm_exact(T32, I20, DT), DT)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block_row(a_out, 0, _lower(I00, False), zero, zero, zero)
+    _store_block_row(a_out, 1, I10, _lower(I11, False), zero, zero)
+    _store_block_row(a_out, 2, I20, I21, _lower(I22, False), zero)
+    _store_block_row(a_out, 3, I30, I31, I32, _lower(I33, False))
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_solve_kernel(
     t_in, a_out,
@@ -137,36 +184,91 @@ def chunk_solve_kernel(
     N,
     DT: tl.constexpr,
 ):
-    """A = (I + T)^-1 from the ten lower 16x16 blocks of T written by chunk_scores_kernel, by
-    blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj. All 16 blocks are
-    written (zeros above the diagonal) so later kernels load A as one tile."""
+    """A = (I + T)^-1 from the lower blocks of T written by chunk_scores_kernel."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     H = tl.num_programs(1)
     t_in += (i_c * H + i_h) * 64 * 64
     a_out += (i_c * H + i_h) * 64 * 64
-    I00 = unit_lower_inverse(load_block(t_in, 0, 0), DT)
-    I11 = unit_lower_inverse(load_block(t_in, 1, 1), DT)
-    I22 = unit_lower_inverse(load_block(t_in, 2, 2), DT)
-    I33 = unit_lower_inverse(load_block(t_in, 3, 3), DT)
-    T21 = load_block(t_in, 2, 1)
-    T31 = load_block(t_in, 3, 1)
-    T32 = load_block(t_in, 3, 2)
-    I10 = -mm_exact(I11, mm_exact(load_block(t_in, 1, 0), I00, DT), DT)
-    I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
-    I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
-    I20 = -mm_exact(I22, mm_exact(load_block(t_in, 2, 0), I00, DT) + mm_exact(T21, I10, DT), DT)
-    I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
-    I30 = -mm_exact(I33, mm_exact(load_block(t_in, 3, 0), I00, DT) + mm_exact(T31, I10, DT)
-                    + mm_exact(T32, I20, DT), DT)
-    r = tl.arange(0, 16)
-    lower = r[:, None] >= r[None, :]
+    _store_inverse(a_out, load_block(t_in, 0, 0), load_block(t_in, 1, 0), load_block(t_in, 1, 1),
+                   load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
+                   load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
+                   load_block(t_in, 3, 3), DT)
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_scores_solve_kernel(
+    q, k, b, G, aqk_out, a_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk,
+    N, scale,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
+):
+    """Aqk and A = (I + T)^-1 of one chunk in one program (what chunk_scores_kernel and
+    chunk_solve_kernel compute): every tile of q, k, b and G is loaded once per key slice, each
+    row block's decay factors are formed once for all its earlier blocks, and T stays in registers
+    for the inverse. Row block i reaches earlier blocks through the row before it, as in
+    chunk_scores_kernel."""
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    if i_n >= N:
+        return
+    DT: tl.constexpr = q.dtype.element_ty
+    L = eos - bos
+    SK = H * K
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    b += (bos * H + i_h) * K
+    G += (i_c * H + i_h) * 64 * K
+    aqk_out += (i_c * H + i_h) * 64 * 64
+    a_out += (i_c * H + i_h) * 64 * 64
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    a00, a10, a11, a20, a21, a22, a30, a31, a32, a33 = z, z, z, z, z, z, z, z, z, z
+    t00, t10, t11, t20, t21, t22, t30, t31, t32, t33 = z, z, z, z, z, z, z, z, z, z
+    for kc in range(0, K, BKC):
+        # row block by row block, so that only the earlier blocks' k and G stay live
+        k0 = load_tile(k, SK, row0, L, kc, K, 16, BKC).to(tl.float32)
+        G0 = load_tile(G, K, 0, 64, kc, K, 16, BKC)
+        a00, t00 = _diag_block(a00, t00, load_tile(q, SK, row0, L, kc, K, 16, BKC).to(tl.float32), k0,
+                               load_tile(b, SK, row0, L, kc, K, 16, BKC).to(tl.float32) * k0,
+                               G0, load_row(G, K, 7, 64, kc, K, BKC), DT)
+
+        k1 = load_tile(k, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32)
+        G1 = load_tile(G, K, 16, 64, kc, K, 16, BKC)
+        q1 = load_tile(q, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32)
+        e1 = load_tile(b, SK, row0 + 16, L, kc, K, 16, BKC).to(tl.float32) * k1
+        a11, t11 = _diag_block(a11, t11, q1, k1, e1, G1, load_row(G, K, 23, 64, kc, K, BKC), DT)
+        c = load_row(G, K, 15, 64, kc, K, BKC)
+        rf = tl.exp(G1 - c[None, :])
+        a10, t10 = _offdiag_block(a10, t10, q1 * rf, e1 * rf, k0, G0, c, DT)
+
+        k2 = load_tile(k, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32)
+        G2 = load_tile(G, K, 32, 64, kc, K, 16, BKC)
+        q2 = load_tile(q, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32)
+        e2 = load_tile(b, SK, row0 + 32, L, kc, K, 16, BKC).to(tl.float32) * k2
+        a22, t22 = _diag_block(a22, t22, q2, k2, e2, G2, load_row(G, K, 39, 64, kc, K, BKC), DT)
+        c = load_row(G, K, 31, 64, kc, K, BKC)
+        rf = tl.exp(G2 - c[None, :])
+        a20, t20 = _offdiag_block(a20, t20, q2 * rf, e2 * rf, k0, G0, c, DT)
+        a21, t21 = _offdiag_block(a21, t21, q2 * rf, e2 * rf, k1, G1, c, DT)
+
+        k3 = load_tile(k, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32)
+        G3 = load_tile(G, K, 48, 64, kc, K, 16, BKC)
+        q3 = load_tile(q, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32)
+        e3 = load_tile(b, SK, row0 + 48, L, kc, K, 16, BKC).to(tl.float32) * k3
+        a33, t33 = _diag_block(a33, t33, q3, k3, e3, G3, load_row(G, K, 55, 64, kc, K, BKC), DT)
+        c = load_row(G, K, 47, 64, kc, K, BKC)
+        rf = tl.exp(G3 - c[None, :])
+        a30, t30 = _offdiag_block(a30, t30, q3 * rf, e3 * rf, k0, G0, c, DT)
+        a31, t31 = _offdiag_block(a31, t31, q3 * rf, e3 * rf, k1, G1, c, DT)
+        a32, t32 = _offdiag_block(a32, t32, q3 * rf, e3 * rf, k2, G2, c, DT)
+
     zero = tl.zeros([16, 16], dtype=tl.float32)
-    _store_block_row(a_out, 0, tl.where(lower, I00, 0.0), zero, zero, zero)
-    _store_block_row(a_out, 1, I10, tl.where(lower, I11, 0.0), zero, zero)
-    _store_block_row(a_out, 2, I20, I21, tl.where(lower, I22, 0.0), zero)
-    _store_block_row(a_out, 3, I30, I31, I32, tl.where(lower, I33, 0.0))
+    _store_block_row(aqk_out, 0, _lower(a00 * scale, False), zero, zero, zero)
+    _store_block_row(aqk_out, 1, a10 * scale, _lower(a11 * scale, False), zero, zero)
+    _store_block_row(aqk_out, 2, a20 * scale, a21 * scale, _lower(a22 * scale, False), zero)
+    _store_block_row(aqk_out, 3, a30 * scale, a31 * scale, a32 * scale, _lower(a33 * scale, False))
+    _store_inverse(a_out, _lower(t00, True), t10, _lower(t11, True), t20, t21, _lower(t22, True),
+                   t30, t31, t32, _lower(t33, True), DT)
 
 
 @triton.jit(do_not_specialize=["N"])

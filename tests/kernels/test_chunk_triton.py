@@ -165,3 +165,11 @@ def test_interpreter_narrow_state_blocks(monkeypatch):
     check_against_reference(1, 100, 1, 16, 32, torch.float32, "cpu", 1e-5)
     assert widths and set(widths) == {16}
 
+
+
+@pytest.mark.parametrize("g_min, l2norm", [(-1.0, False), (-20.0, True)])
+def test_interpreter_scores_by_row_block_then_solve(monkeypatch, g_min, l2norm):
+    """KernelConfig.scores_solve_fused=False: the scores by row block, then the inverse in its own
+    kernel; both diagonal paths (g = -20 takes the exact column loop)."""
+    _with_config(monkeypatch, scores_solve_fused=False)
+    check_against_reference(1, 70, 2, 16, 32, torch.float32, "cpu", 1e-5, g_min=g_min, l2norm=l2norm)
