@@ -53,6 +53,7 @@ def check_against_reference(batch, length, heads, key_dim, value_dim, dtype, dev
         (2, 100, 1, 32, 16, -1.0, False),   # two chunks, T not a multiple of 64, K != V
         (1, 70, 2, 16, 32, -20.0, True),    # strong decay (G reaches -1280 in a chunk), l2norm
         (1, 64, 1, 64, 16, -0.1, False),    # exactly one chunk, two key slices
+        (1, 40, 1, 80, 16, -1.0, False),    # K = 80: three key slices of 32 in a padded width of 128
     ],
 )
 def test_interpreter_fp32(batch, length, heads, key_dim, value_dim, g_min, l2norm):
@@ -173,3 +174,19 @@ def test_interpreter_scores_by_row_block_then_solve(monkeypatch, g_min, l2norm):
     kernel; both diagonal paths (g = -20 takes the exact column loop)."""
     _with_config(monkeypatch, scores_solve_fused=False)
     check_against_reference(1, 70, 2, 16, 32, torch.float32, "cpu", 1e-5, g_min=g_min, l2norm=l2norm)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_interpreter_chunk_decay_totals(monkeypatch, fused):
+    """G_C per chunk is the sum of g over the chunk's rows, and 0 in the padding channels up to the
+    power-of-two width that the state kernels read (K = 80 in a width of 128)."""
+    from gdn2_kernels.gdn2 import chunk
+
+    _with_config(monkeypatch, scores_solve_fused=fused)
+    t = make_inputs(1, 100, 2, 80, 16, dtype=torch.float32, seed=4)
+    args = [t[n] for n in ("q", "k", "v", "g", "b", "w")]
+    idx = chunk.ChunkIndex.build(args[0], args[2], None)
+    gc = chunk._intra(*args, 0.1, idx)["gc"].view(2, 2, 128)  # chunk, head, channel
+    g = torch.nn.functional.pad(t["g"][0], (0, 0, 0, 0, 0, 28)).view(2, 64, 2, 80)
+    assert torch.allclose(gc[..., :80], g.sum(1), atol=1e-5)
+    assert torch.equal(gc[..., 80:], torch.zeros(2, 2, 48))
