@@ -22,8 +22,8 @@ from megatron_gdn2.layers.swa import FlashWindowFunction, sliding_window_block_m
 HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
 VARIANTS = ("default;ROWS_GUARANTEED_SAFE=1;"
             "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3;"
-            "BLOCK_M1=64,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_warps=8,num_stages=3;"
-            "BLOCK_M1=32,BLOCK_N1=64,BLOCK_M2=64,BLOCK_N2=32,num_warps=4,num_stages=3")
+            "ROWS_GUARANTEED_SAFE=1,BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3;"
+            "ROWS_GUARANTEED_SAFE=1,BLOCK_M1=64,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_warps=8,num_stages=3")
 
 
 def parse(variant):

@@ -6,6 +6,7 @@
 #   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
+#   sweep:S  the same at shape S (e.g. sweep:1x16384)
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
@@ -67,9 +68,11 @@ for step in "${@:-all}"; do
             | tee "$OUT/bench_gdn2.log" | tail -40
         status=$((status | PIPESTATUS[0]))
         (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar -czf "$OUT/triton_autotune.tgz" -T -) ;;&
-    sweep)
-        python3 benchmarks/bench_gdn2.py --shapes "${SWEEP_SHAPE:-4x4096}" --sweep "${SWEEP:-}" 2>&1 \
-            | tee "$OUT/bench_sweep.log" | grep -E "fwd|chunk_|total|failed"
+    sweep | sweep:*)
+        shape=${SWEEP_SHAPE:-4x4096}
+        [ "$step" = sweep ] || shape=${step#sweep:}
+        python3 benchmarks/bench_gdn2.py --shapes "$shape" --sweep "${SWEEP:-}" --out "$OUT/sweep_$shape" 2>&1 \
+            | tee "$OUT/bench_sweep_$shape.log" | grep -E "fwd|chunk_|total|failed"
         status=$((status | PIPESTATUS[0])) ;;
     mixer)
         python3 benchmarks/bench_mixer_inputs.py 2>&1 | tee "$OUT/bench_mixer_inputs.log" | tail -8
