@@ -286,8 +286,7 @@ def build_trainer(model_cfg, point: Point, batches, args):
     steps = args.warmup + args.steps
     cfg = PretrainConfig(model=model_cfg.name, seq_length=point.seq, micro_batch_size=point.batch,
                          global_batch_size=point.batch, train_iters=steps, seed=args.seed,
-                         kernel_backend=args.kernel_backend, swa_fuse_qkv=args.swa_fuse_qkv,
-                         swa_attention_impl=args.swa_attention_impl,
+                         kernel_backend=args.kernel_backend, swa_attention_impl=args.swa_attention_impl,
                          parallel=ParallelConfig(use_distributed_optimizer=True),
                          # Peak learning rate after the first step: the updates are of a realistic size.
                          optim=OptimizerSettings(warmup_tokens=point.seq * point.batch))
@@ -394,7 +393,6 @@ def environment(args, peak: float | None) -> dict[str, str]:
     env["optimizer"] = "Megatron distributed optimizer (AdamW), DDP with fp32 grad buffers"
     env["peak bf16 TFLOP/s"] = f"{peak:g}" if peak else "unknown (no MFU)"
     env["GDN-2 kernel backend"] = args.kernel_backend or "default (triton on a GPU, torch on a CPU)"
-    env["SWA q/k/v split fused into the RoPE function"] = "yes" if args.swa_fuse_qkv else "no"
     env["Triton cache"] = triton_cache_state()
     return env
 
@@ -617,8 +615,6 @@ def probe_time_to_first_step(args, point: Point) -> str:
                f"{point.model}:{point.seq}x{point.batch}", "--seed", str(args.seed)]
     if args.kernel_backend:
         command += ["--kernel-backend", args.kernel_backend]
-    if args.swa_fuse_qkv:
-        command.append("--swa-fuse-qkv")
     if args.swa_attention_impl:
         command += ["--swa-attention-impl", args.swa_attention_impl]
     log(f"time-to-first-step probe: {' '.join(command[1:])}")
@@ -764,8 +760,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokenizer", help=f"tokenizer of the real-data corpus (default shared/data/{TOKENIZER})")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers (gdn2-pretrain's default: 0)")
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
-    p.add_argument("--swa-fuse-qkv", action="store_true",
-                   help="SWA layers split linear_qkv's output in their fused RoPE function")
     p.add_argument("--swa-attention-impl", help="SWA core attention (default: the model's, flex on a GPU)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the device for MFU")
     p.add_argument("--seed", type=int, default=1234)

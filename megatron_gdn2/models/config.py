@@ -40,10 +40,6 @@ class GDN2TransformerConfig(TransformerConfig):
     gdn2_allow_neg_eigval: bool = False
     gdn2_kernel_backend: str | None = None  # gdn2_kernels backend; None: triton on GPU, torch on CPU
     swa_attention_impl: str | None = None  # "te" | "flex" | "sdpa" | "local" | None (auto)
-    # with "flex"/"sdpa": split linear_qkv's output, RoPE and the layout change in one fused
-    # function (layers/swa.py, RotaryInCoreSelfAttention). Off until measured on a GPU
-    # (benchmarks/RESULTS.md, "Next").
-    swa_fuse_qkv: bool = False
 
     def __post_init__(self):
         super().__post_init__()

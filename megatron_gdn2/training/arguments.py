@@ -93,10 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batch loader: torch (default) or dali (same batches, needs the dali extra)")
     g.add_argument("--seq-length", type=_count("--seq-length"), default=None)
     g.add_argument("--kernel-backend", default=None, help="GDN-2 kernel backend (default: model's)")
-    g.add_argument("--swa-fuse-qkv", action="store_true",
-                   help="SWA layers split linear_qkv's output inside their fused RoPE/layout function")
     g.add_argument("--swa-attention-impl", default=None,
-                   help="SWA core attention: te, flex, flash, sdpa or local (default: te with Transformer "
+                   help="SWA core attention: te, flex, sdpa or local (default: te with Transformer "
                         "Engine, else flex on a GPU)")
 
     g = p.add_argument_group("batch and length")
@@ -223,7 +221,6 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
         seed=args.seed,
         precision=args.precision,
         kernel_backend=args.kernel_backend,
-        swa_fuse_qkv=args.swa_fuse_qkv,
         swa_attention_impl=args.swa_attention_impl,
         max_nonfinite_steps=args.max_nonfinite_steps,
         parallel=ParallelConfig(

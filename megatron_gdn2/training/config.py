@@ -140,7 +140,6 @@ class PretrainConfig:
     seed: int = 1234
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     kernel_backend: str | None = None
-    swa_fuse_qkv: bool = False  # see GDN2TransformerConfig.swa_fuse_qkv
     swa_attention_impl: str | None = None  # SWA core attention; None: the model's default (layers/swa.py)
     max_nonfinite_steps: int = 5  # K non-finite losses in a row stop the run
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

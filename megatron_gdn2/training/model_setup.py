@@ -105,7 +105,6 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         kernel_backend=cfg.kernel_backend,
-        swa_fuse_qkv=cfg.swa_fuse_qkv,
         swa_attention_impl=cfg.swa_attention_impl,
         recompute=p.recompute,
         calculate_per_token_loss=True,

@@ -1,6 +1,5 @@
 """TP=2, PP=2 (even and uneven), TP=2 x PP=2 and sequence parallelism give the loss and gradients
-of TP=1, for the recurrent and the hybrid model, all loaded from one dist checkpoint saved at TP=1;
-TP=2 also with the SWA layers on our blocked-SDPA core attention instead of Megatron's local one.
+of TP=1, for the recurrent and the hybrid model, all loaded from one dist checkpoint saved at TP=1.
 
 Gradients are compared the way weights are resharded: each layout saves its reduced gradients as a
 dist checkpoint (in place of the weights), which is loaded back into a TP=1 model. A parameter
@@ -25,9 +24,6 @@ LAYOUTS = {  # name: (tp, pp, config overrides)
     "tp2pp2": (2, 2, {}),
     "tp2_sp": (2, 1, {"sequence_parallel": True}),
     "tp2pp2_sp": (2, 2, {"sequence_parallel": True}),
-    # our SWA core attention (split of linear_qkv's output inside it) against Megatron's local one
-    "tp2_sdpa": (2, 1, {"swa_attention_impl": "sdpa", "swa_fuse_qkv": True}),
-    "tp2_sp_sdpa": (2, 1, {"sequence_parallel": True, "swa_attention_impl": "sdpa", "swa_fuse_qkv": True}),
 }
 WORLD = 4
 
