@@ -3,7 +3,7 @@
 kernel options, beside causal flash SDPA over the same tokens (the cost of a window that covers
 the sequence), forward+backward median times, in one process.
 
-    python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--variants 'default;ROWS_GUARANTEED_SAFE=1']
+    python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--variants 'default;BLOCK_M=128,BLOCK_N=64']
 
 A variant is a `,`-separated list of kernel option=value (ints); one that does not compile is
 reported and skipped.
@@ -19,10 +19,10 @@ from triton.testing import do_bench
 from megatron_gdn2.layers.swa import sliding_window_block_mask
 
 HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
-VARIANTS = ("default;ROWS_GUARANTEED_SAFE=1;"
+# ROWS_GUARANTEED_SAFE=1 times at most 0.6% faster and gave a NaN loss in training (run 16)
+VARIANTS = ("default;"
             "BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3;"
-            "ROWS_GUARANTEED_SAFE=1,BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3;"
-            "ROWS_GUARANTEED_SAFE=1,BLOCK_M1=64,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_warps=8,num_stages=3")
+            "BLOCK_M1=64,BLOCK_N1=128,BLOCK_M2=128,BLOCK_N2=64,num_warps=8,num_stages=3")
 
 
 def parse(variant):

@@ -23,7 +23,6 @@ from .chunk_common import CHUNK, next_pow2
 from .chunk_intra import (
     chunk_cumsum_kernel,
     chunk_scores_kernel,
-    chunk_scores_solve_kernel,
     chunk_solve_kernel,
     chunk_wy_fwd_kernel,
 )
@@ -38,11 +37,6 @@ class KernelConfig:
     scores_bk: int = 64
     scores_warps: int = 4
     solve_warps: int = 4
-    # G, Aqk and A = (I + T)^-1 by one program per chunk (chunk_scores_solve_kernel) rather than
-    # the cumsum, the scores by row block and the inverse in three kernels
-    scores_solve_fused: bool = True
-    scores_solve_bk: int = 32
-    scores_solve_warps: int = 4
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
@@ -164,8 +158,7 @@ def _intra(q, k, v, g, b, w, scale, idx):
     f32 = torch.float32
     out = {
         "G": q.new_empty(rows, K, dtype=f32),
-        # the state kernels read all BK channels of G_C: padding channels must be 0
-        "gc": (q.new_zeros if K < idx.BK else q.new_empty)(idx.n_chunks * H, idx.BK, dtype=f32),
+        "gc": q.new_empty(idx.n_chunks * H, idx.BK, dtype=f32),
         "aqk": q.new_empty(rows, CHUNK),
         "a": q.new_empty(rows, CHUNK, dtype=f32),
         "qg": q.new_empty(rows, K),
@@ -175,22 +168,15 @@ def _intra(q, k, v, g, b, w, scale, idx):
     }
     coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
     grid = (idx.n_chunks, H)
-    if cfg.scores_solve_fused:
-        chunk_scores_solve_kernel[grid](
-            q, k, b, g, out["G"], out["gc"], out["aqk"], out["a"], *coords, idx.N, scale,
-            H=H, K=K, BK=idx.BK, BKC=min(idx.BK, cfg.scores_solve_bk), num_warps=cfg.scores_solve_warps,
-        )
-    else:
-        chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
-                                  H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
-        t = q.new_empty(rows, CHUNK, dtype=f32)
-        chunk_scores_kernel[(idx.n_chunks, H, 4)](
-            q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-            H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
-            num_warps=cfg.scores_warps,
-        )
-        chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype),
-                                 num_warps=cfg.solve_warps)
+    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
+                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
+    t = q.new_empty(rows, CHUNK, dtype=f32)
+    chunk_scores_kernel[(idx.n_chunks, H, 4)](
+        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
+        num_warps=cfg.scores_warps,
+    )
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,

@@ -1,10 +1,10 @@
 """Per-chunk forward kernels: everything about a chunk that does not depend on the entering state.
 
-Two or four launches:
+Four launches, each small enough to run without register spills (one program per chunk for the
+first three was 1.5x slower on the H200: benchmarks/NOTES_kernels.md):
   chunk_cumsum_kernel   (chunk, head):       G = cumsum(g) in fp32 (chunk-major) and G_C
   chunk_scores_kernel   (chunk, head, i):    row sub-block i of Aqk (times scale) and T
   chunk_solve_kernel    (chunk, head):       A = (I + T)^-1 (fp32, 16x16 blocks then combination)
-    or the three in chunk_scores_solve_kernel (chunk, head)   (KernelConfig.scores_solve_fused)
   chunk_wy_fwd_kernel   (chunk, head):       Y = A Ebar, U = A Z, Qg = scale q e^G, Ktail = k e^(G_C - G)
 Inputs are token-major ([tokens, H, D], rows past a sequence's end read as zeros, so G stays
 constant there and G at row 63 is G_C); the per-chunk outputs are chunk-major, 64 rows per chunk
@@ -43,6 +43,7 @@ def chunk_cumsum_kernel(
     for kc in range(0, BK, BKC):
         x = load_tile(g, H * K, row0, eos - bos, kc, K, 64, BKC).to(tl.float32)
         store_tile(G_out, K, 0, 64, kc, K, tl.cumsum(x, 0))
+        # padding channels (K < BK) get G_C = 0: the state kernels read all BK entries
         tl.store(gc_out + kc + tl.arange(0, BKC), tl.sum(x, 0))
 
 
@@ -194,87 +195,6 @@ def chunk_solve_kernel(
                    load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
                    load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
                    load_block(t_in, 3, 3), DT)
-
-
-@triton.jit
-def _block_operands(q, k, b, g, G_out, SK, row0, li, L, kc, K: tl.constexpr, BKC: tl.constexpr, G_before):
-    """One key slice of row block li // 16: q, k, b*k and G = G_before + the block's cumsum of g
-    (stored chunk-major), and G at the block's last row."""
-    ki = load_tile(k, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32)
-    qi = load_tile(q, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32)
-    ei = load_tile(b, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32) * ki
-    gi = load_tile(g, SK, row0 + li, L, kc, K, 16, BKC).to(tl.float32)
-    Gi = G_before[None, :] + tl.cumsum(gi, 0)
-    store_tile(G_out, K, li, 64, kc, K, Gi)
-    return qi, ki, ei, Gi, G_before + tl.sum(gi, 0)
-
-
-@triton.jit
-def _middle_row(Gi):
-    r = tl.arange(0, 16)
-    return tl.sum(tl.where(r[:, None] == 7, Gi, 0.0), 0)
-
-
-@triton.jit(do_not_specialize=["N"])
-def chunk_scores_solve_kernel(
-    q, k, b, g, G_out, gc_out, aqk_out, a_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
-    N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
-):
-    """What chunk_cumsum_kernel, chunk_scores_kernel and chunk_solve_kernel compute, in one program
-    per chunk: G from g block by block, every tile loaded once per key slice, each row block's
-    decay factors formed once for all earlier blocks (through the row before it, as in
-    chunk_scores_kernel), and T kept in registers for the inverse. gc's padding channels past the
-    last key slice are left to the caller."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
-    if i_n >= N:
-        return
-    DT: tl.constexpr = q.dtype.element_ty
-    L = eos - bos
-    SK = H * K
-    q += (bos * H + i_h) * K
-    k += (bos * H + i_h) * K
-    b += (bos * H + i_h) * K
-    g += (bos * H + i_h) * K
-    G_out += (i_c * H + i_h) * 64 * K
-    gc_out += (i_c * H + i_h) * BK
-    aqk_out += (i_c * H + i_h) * 64 * 64
-    a_out += (i_c * H + i_h) * 64 * 64
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    a00, a10, a11, a20, a21, a22, a30, a31, a32, a33 = z, z, z, z, z, z, z, z, z, z
-    t00, t10, t11, t20, t21, t22, t30, t31, t32, t33 = z, z, z, z, z, z, z, z, z, z
-    for kc in range(0, K, BKC):
-        # row block by row block, so that only the earlier blocks' k and G stay live
-        c0 = tl.zeros([BKC], dtype=tl.float32)
-        q0, k0, e0, G0, c1 = _block_operands(q, k, b, g, G_out, SK, row0, 0, L, kc, K, BKC, c0)
-        a00, t00 = _diag_block(a00, t00, q0, k0, e0, G0, _middle_row(G0), DT)
-
-        q1, k1, e1, G1, c2 = _block_operands(q, k, b, g, G_out, SK, row0, 16, L, kc, K, BKC, c1)
-        a11, t11 = _diag_block(a11, t11, q1, k1, e1, G1, _middle_row(G1), DT)
-        rf = tl.exp(G1 - c1[None, :])
-        a10, t10 = _offdiag_block(a10, t10, q1 * rf, e1 * rf, k0, G0, c1, DT)
-
-        q2, k2, e2, G2, c3 = _block_operands(q, k, b, g, G_out, SK, row0, 32, L, kc, K, BKC, c2)
-        a22, t22 = _diag_block(a22, t22, q2, k2, e2, G2, _middle_row(G2), DT)
-        rf = tl.exp(G2 - c2[None, :])
-        a20, t20 = _offdiag_block(a20, t20, q2 * rf, e2 * rf, k0, G0, c2, DT)
-        a21, t21 = _offdiag_block(a21, t21, q2 * rf, e2 * rf, k1, G1, c2, DT)
-
-        q3, k3, e3, G3, gc = _block_operands(q, k, b, g, G_out, SK, row0, 48, L, kc, K, BKC, c3)
-        a33, t33 = _diag_block(a33, t33, q3, k3, e3, G3, _middle_row(G3), DT)
-        rf = tl.exp(G3 - c3[None, :])
-        a30, t30 = _offdiag_block(a30, t30, q3 * rf, e3 * rf, k0, G0, c3, DT)
-        a31, t31 = _offdiag_block(a31, t31, q3 * rf, e3 * rf, k1, G1, c3, DT)
-        a32, t32 = _offdiag_block(a32, t32, q3 * rf, e3 * rf, k2, G2, c3, DT)
-        tl.store(gc_out + kc + tl.arange(0, BKC), gc)
-
-    _store_block_row(aqk_out, 0, _lower(a00 * scale, False), z, z, z)
-    _store_block_row(aqk_out, 1, a10 * scale, _lower(a11 * scale, False), z, z)
-    _store_block_row(aqk_out, 2, a20 * scale, a21 * scale, _lower(a22 * scale, False), z)
-    _store_block_row(aqk_out, 3, a30 * scale, a31 * scale, a32 * scale, _lower(a33 * scale, False))
-    _store_inverse(a_out, _lower(t00, True), t10, _lower(t11, True), t20, t21, _lower(t22, True),
-                   t30, t31, t32, _lower(t33, True), DT)
 
 
 @triton.jit(do_not_specialize=["N"])

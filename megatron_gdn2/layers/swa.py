@@ -158,11 +158,6 @@ def sliding_window_mask_mod(window: int):
 # compiled on a GPU; eager on CPU, where torch allows FlexAttention no compiled backward
 windowed_flex_attention = compiled_on_gpu(flex_attention)
 
-# Every query row sees at least its own key, so the kernel may skip its guard for fully masked rows:
-# 2.429 -> 2.345 ms at 4x4096 and 2.941 -> 2.847 ms at 1x16384 per layer, forward and backward
-# (bench_swa.py, H200, benchmarks/RESULTS.md)
-FLEX_KERNEL_OPTIONS = {"ROWS_GUARANTEED_SAFE": True}
-
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size
 
@@ -207,7 +202,7 @@ class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
     def _windowed(self, q, k, v, dropout):
         block_mask = sliding_window_block_mask(q.shape[2], self.window, q.device)
         return windowed_flex_attention(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
-                                       enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
+                                       enable_gqa=True)
 
 
 def swa_core_attention(config) -> type:
