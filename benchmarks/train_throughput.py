@@ -267,6 +267,7 @@ class Result:
     mem_gb: tuple[float, float | None] = (math.nan, None)
     setup_first_step_s: float = math.nan
     loss: float = math.nan
+    skipped_steps: int = 0  # steps whose gradients were not finite (the optimizer skipped them)
     loader_tokens_per_s: float | None = None
     attention: str = ""
 
@@ -303,11 +304,14 @@ def build_trainer(model_cfg, point: Point, batches, args):
                    meter=meter, wandb=None, device=device(), num_microbatches=1)
 
 
-def train_step(trainer) -> float:
-    """One step as Trainer.run takes it (the schedule advances by the step's tokens); the loss."""
+def train_step(trainer, result: Result | None = None) -> float:
+    """One step as Trainer.run takes it (the schedule advances by the step's tokens); the loss.
+    A step with non-finite gradients is counted in `result`."""
     loss, _, ok = trainer.train_step()
     if ok:
         trainer.scheduler.step(increment=trainer.cfg.tokens_per_step)
+    elif result is not None:
+        result.skipped_steps += 1
     return loss
 
 
@@ -323,17 +327,17 @@ def run_point(result: Result, model_cfg, batches, args, peak: float | None, cloc
     start = time.perf_counter()
     trainer = build_trainer(model_cfg, point, batches, args)
     result.attention = attention_cores(trainer.bundle.module)
-    result.loss = train_step(trainer)
+    result.loss = train_step(trainer, result)
     result.setup_first_step_s = time.perf_counter() - start
     if "first_step" not in clock:
         clock["first_step"] = time.time() - clock["process_start"]
     log(f"    first step after {result.setup_first_step_s:.1f} s (loss {result.loss:.3f})")
     for _ in range(args.warmup - 1):
-        train_step(trainer)
+        train_step(trainer, result)
     synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
-        result.loss = train_step(trainer)
+        result.loss = train_step(trainer, result)
     synchronize()
     elapsed = time.perf_counter() - start
     result.tokens_per_s = args.steps * point.batch * point.seq / elapsed
@@ -341,6 +345,10 @@ def run_point(result: Result, model_cfg, batches, args, peak: float | None, cloc
     result.tflops = result.tokens_per_s * result.flops_per_token / 1e12
     result.mfu = result.tflops / peak if peak else None
     result.mem_gb = memory_gb()
+    if result.skipped_steps:
+        # a skipped step runs no optimizer: its time is not a training step's
+        raise FloatingPointError(f"{result.skipped_steps} of {args.warmup + args.steps} steps had non-finite "
+                                 f"gradients (last loss {result.loss}); their timings are not valid")
 
 
 def free_memory() -> str:

@@ -115,3 +115,36 @@ def test_profile_splits_the_forward_by_module(tmp_path):
     assert rows["MLP"][0] == len(layers) and rows["RMSNorm"][0] == 2 * len(layers) + 1, rows
     assert rows["output layer"][0] == 1 and rows["LanguageModelEmbedding"][0] == 1, rows
     assert all(ms > 0 for _, ms in rows.values()), rows
+
+
+POISONED_RUN = """
+import sys, torch
+sys.argv[0] = {script!r}
+spec = __import__("importlib.util").util.spec_from_file_location("train_throughput", {script!r})
+module = __import__("importlib.util").util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+real_build = module.build_trainer
+
+def poisoned(*args, **kwargs):
+    trainer = real_build(*args, **kwargs)
+    with torch.no_grad():
+        next(trainer.bundle.module.parameters()).fill_(float("nan"))
+    return trainer
+
+module.build_trainer = poisoned
+sys.exit(module.main(["--quick", "--models", "gdn2_tiny", "--grid", "32x8", "--no-real-data",
+                      "--no-ttfs-probe"]))
+"""
+
+
+def test_steps_with_non_finite_gradients_fail_the_point(tmp_path):
+    """A NaN loss makes the optimizer skip every step, which then runs faster than a real one (run 16
+    on the H200): the point must be reported as an error and the script must fail."""
+    env = dict(os.environ, OUT=str(tmp_path), TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-c", POISONED_RUN.format(script=str(SCRIPT))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = (tmp_path / "throughput.md").read_text().split("Errors:")[1]
+    assert "gdn2_tiny 32 x 8 (synthetic): error: FloatingPointError" in errors, errors
+    assert "non-finite gradients" in errors
