@@ -79,6 +79,7 @@ from megatron_gdn2.configs import SWA_BLOCK, count_parameters, get_model_config,
 from megatron_gdn2.data.datasets import DataConfig, build_data_loader, build_datasets
 from megatron_gdn2.data.preprocess import PreprocessConfig, preprocess
 from megatron_gdn2.data.tokenizers import load_tokenizer
+from megatron_gdn2.layers import wgrad_accumulation
 from megatron_gdn2.models.config import transformer_engine_available
 from megatron_gdn2.training.checkpointing import TrainState
 from megatron_gdn2.training.config import OptimizerSettings, ParallelConfig, PretrainConfig
@@ -288,6 +289,7 @@ def build_trainer(model_cfg, point: Point, batches, args):
     cfg = PretrainConfig(model=model_cfg.name, seq_length=point.seq, micro_batch_size=point.batch,
                          global_batch_size=point.batch, train_iters=steps, seed=args.seed,
                          kernel_backend=args.kernel_backend, swa_attention_impl=args.swa_attention_impl,
+                         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
                          parallel=ParallelConfig(use_distributed_optimizer=True),
                          # Peak learning rate after the first step: the updates are of a realistic size.
                          optim=OptimizerSettings(warmup_tokens=point.seq * point.batch))
@@ -401,6 +403,9 @@ def environment(args, peak: float | None) -> dict[str, str]:
     env["optimizer"] = "Megatron distributed optimizer (AdamW), DDP with fp32 grad buffers"
     env["peak bf16 TFLOP/s"] = f"{peak:g}" if peak else "unknown (no MFU)"
     env["GDN-2 kernel backend"] = args.kernel_backend or "default (triton on a GPU, torch on a CPU)"
+    fused = args.gradient_accumulation_fusion and wgrad_accumulation.install()
+    env["weight-gradient accumulation"] = ("in the wgrad GEMM (gradient_accumulation_fusion)" if fused
+                                           else "separate add into main_grad")
     env["Triton cache"] = triton_cache_state()
     return env
 
@@ -625,6 +630,8 @@ def probe_time_to_first_step(args, point: Point) -> str:
         command += ["--kernel-backend", args.kernel_backend]
     if args.swa_attention_impl:
         command += ["--swa-attention-impl", args.swa_attention_impl]
+    if not args.gradient_accumulation_fusion:
+        command.append("--no-gradient-accumulation-fusion")
     log(f"time-to-first-step probe: {' '.join(command[1:])}")
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.probe_timeout)
@@ -769,6 +776,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="loader workers (gdn2-pretrain's default: 0)")
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--swa-attention-impl", help="SWA core attention (default: the model's, flex on a GPU)")
+    p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                   action="store_false",
+                   help="weight gradients added to main_grad in a separate pass (as gdn2-pretrain's flag)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the device for MFU")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-ttfs-probe", action="store_true", help="skip the fresh-process first-step timing")

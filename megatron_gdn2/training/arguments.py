@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swa-attention-impl", default=None,
                    help="SWA core attention: te, flex, sdpa or local (default: te with Transformer "
                         "Engine, else flex on a GPU)")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                   action="store_false",
+                   help="add each weight gradient to the fp32 main_grad in a separate pass instead of in "
+                        "its GEMM (the fused form needs a GPU and apex or a torch with addmm's out_dtype)")
 
     g = p.add_argument_group("batch and length")
     g.add_argument("--micro-batch-size", "--micro_batch_size", dest="micro_batch_size", type=int,
@@ -222,6 +226,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
         precision=args.precision,
         kernel_backend=args.kernel_backend,
         swa_attention_impl=args.swa_attention_impl,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         max_nonfinite_steps=args.max_nonfinite_steps,
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tp,

@@ -141,6 +141,8 @@ class PretrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     kernel_backend: str | None = None
     swa_attention_impl: str | None = None  # SWA core attention; None: the model's default (layers/swa.py)
+    # weight gradients added to the fp32 main_grad by their GEMM on a GPU (layers/wgrad_accumulation.py)
+    gradient_accumulation_fusion: bool = True
     max_nonfinite_steps: int = 5  # K non-finite losses in a row stop the run
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataSettings = field(default_factory=DataSettings)

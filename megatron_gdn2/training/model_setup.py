@@ -19,6 +19,7 @@ from megatron.core.distributed import (
 from megatron.core.transformer.module import Float16Module
 
 from megatron_gdn2.configs import ModelConfig, get_model_config
+from megatron_gdn2.layers import wgrad_accumulation
 from megatron_gdn2.models import GDN2TransformerConfig, build_model, make_transformer_config
 from megatron_gdn2.training.config import ConfigError, PretrainConfig
 
@@ -108,6 +109,8 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
         swa_attention_impl=cfg.swa_attention_impl,
         recompute=p.recompute,
         calculate_per_token_loss=True,
+        # the weight-gradient GEMMs add into DDP's main_grad buffers, which only training has
+        gradient_accumulation_fusion=cfg.gradient_accumulation_fusion and wgrad_accumulation.install(),
     )
     module = build_model(model_cfg, tc, pre_process=ps.is_pipeline_first_stage(),
                          post_process=ps.is_pipeline_last_stage())

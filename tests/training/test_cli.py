@@ -183,3 +183,11 @@ def test_reference_cli_sigusr1_saves_and_a_rerun_resumes(corpus, tmp_path):
         assert _launch([*reference, "--debug"], fh).wait(timeout=300) == 0, log3.read_text()
     text = log3.read_text()
     assert f"training finished at iter {total}" in text and "iter 1/" not in text, text
+
+
+def test_gradient_accumulation_fusion_flag(corpus, tmp_path):
+    """On by default (used where the GPU allows it); Megatron-LM's flag turns it off."""
+    assert config_from_args(_native_args(corpus, tmp_path), world_size=1).gradient_accumulation_fusion
+    off = config_from_args(_native_args(corpus, tmp_path) + ["--no-gradient-accumulation-fusion"],
+                           world_size=1)
+    assert off.gradient_accumulation_fusion is False
