@@ -4,6 +4,7 @@
 # Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|sweep|train|profile|multi|all]...
 #    or: bash benchmarks/gpu_session.sh lanes "STEPS" "STEPS" ...   (lane i on GPU i, in parallel)
 #   tests    every GPU-marked test (fla's comparison only with FLA_TESTS=1: it autotunes for minutes)
+#   tests:P  the GPU-marked tests under the comma-separated paths P (e.g. tests:tests/kernels,tests/hf)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
 #   sweep:S  the same at shape S (e.g. sweep:1x16384)
@@ -56,12 +57,16 @@ python3 -c 'import torch, triton, megatron.core as m; print("torch", torch.__ver
 status=0
 for step in "${@:-all}"; do
     case "$step" in
-    tests | all)
+    tests | tests:* | all)
         # fla's kernels autotune for minutes on first use: its comparison runs only with FLA_TESTS=1.
         deselect=()
         [ "${FLA_TESTS:-0}" = 1 ] || deselect=(--deselect tests/kernels/test_gdn2_interface.py::test_fla_backend_matches_reference)
-        python3 -m pytest -v -rfE -m gpu -p no:cacheprovider --timeout "${TEST_TIMEOUT:-300}" "${deselect[@]}" tests 2>&1 \
-            | tee "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " | tail -60
+        paths=tests log=gpu_tests.log
+        case "$step" in tests:*) paths=${step#tests:}; log="gpu_tests_${paths//[\/,]/_}.log" ;; esac
+        # shellcheck disable=SC2046
+        python3 -m pytest -v -rfE -m gpu -p no:cacheprovider --durations=10 --timeout "${TEST_TIMEOUT:-300}" \
+            "${deselect[@]}" $(tr , ' ' <<<"$paths") 2>&1 \
+            | tee "$OUT/$log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " | tail -60
         status=$((status | PIPESTATUS[0])) ;;&
     kernels | all)
         timeout "${KERNELS_TIMEOUT:-3000}" python3 benchmarks/bench_gdn2.py ${BENCH_ARGS:-} 2>&1 \
