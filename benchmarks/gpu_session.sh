@@ -9,6 +9,7 @@
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
 #   sweep:S  the same at shape S (e.g. sweep:1x16384)
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
+#   ce       bench_cross_entropy.py (the loss beside Megatron's fused and unfused cross entropy)
 #   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   train:X  train_throughput.py ${TRAIN_ARGS_X} into train_throughput_X.log (variants side by side)
@@ -81,6 +82,9 @@ for step in "${@:-all}"; do
         status=$((status | PIPESTATUS[0])) ;;
     mixer)
         python3 benchmarks/bench_mixer_inputs.py 2>&1 | tee "$OUT/bench_mixer_inputs.log" | tail -8
+        status=$((status | PIPESTATUS[0])) ;;
+    ce)
+        python3 benchmarks/bench_cross_entropy.py 2>&1 | tee "$OUT/bench_cross_entropy.log" | tail -12
         status=$((status | PIPESTATUS[0])) ;;
     swa)
         python3 benchmarks/bench_swa.py 2>&1 | tee "$OUT/bench_swa.log" | tail -12
