@@ -99,8 +99,11 @@ for step in "${@:-all}"; do
     train:*)
         variant=${step#train:}
         args_var=TRAIN_ARGS_$variant
+        # its own folder for throughput.md: parallel lanes would overwrite one another's
+        mkdir -p "$OUT/$variant"
         # shellcheck disable=SC2086
-        python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 | tee "$OUT/train_throughput_$variant.log" | tail -30
+        OUT="$OUT/$variant" python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 \
+            | tee "$OUT/train_throughput_$variant.log" | tail -30
         status=$((status | PIPESTATUS[0])) ;;
     multi | all)
         python3 benchmarks/multi_gpu.py all --workdir /tmp/mg ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" | tail -60
