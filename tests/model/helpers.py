@@ -29,6 +29,20 @@ def build(name: str, **config_kwargs):
                        post_process=ps.is_pipeline_last_stage())
 
 
+def gpu_hybrid_case(layer_pattern: str):
+    """A small hybrid model config for the GPU tests and two sequences of tokens (+1 for labels) on
+    the GPU: head dims of 64 (Triton's dot needs >= 16), three 64-token chunks per sequence."""
+    from megatron_gdn2.configs import ModelConfig
+
+    model_cfg = ModelConfig(name="gpu_hybrid", layer_pattern=layer_pattern, hidden_size=256,
+                            ffn_hidden_size=512, num_heads=4, head_k_dim=64, head_v_dim=64,
+                            swa_num_heads=4, swa_head_dim=64, swa_window=96, vocab_size=1024,
+                            seq_length=192)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1), generator=gen).cuda()
+    return model_cfg, tokens
+
+
 def batches(vocab: int, seq_len: int, device="cpu"):
     gen = torch.Generator().manual_seed(7)
     for _ in range(NUM_MICROBATCHES):

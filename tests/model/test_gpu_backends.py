@@ -5,18 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.harness import run_distributed
+from tests.model.helpers import gpu_hybrid_case
 
 
 def hybrid_bf16_backends():
-    from megatron_gdn2.configs import ModelConfig
     from megatron_gdn2.models import build_model, make_transformer_config
 
-    # Head dims of 64 (Triton's dot needs >= 16); three 64-token chunks per sequence.
-    model_cfg = ModelConfig(name="gpu_hybrid", layer_pattern="(GA)*2", hidden_size=256, ffn_hidden_size=512,
-                            num_heads=4, head_k_dim=64, head_v_dim=64, swa_num_heads=4, swa_head_dim=64,
-                            swa_window=96, vocab_size=1024, seq_length=192)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1), generator=gen).cuda()
+    model_cfg, tokens = gpu_hybrid_case("(GA)*2")
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     state, results = None, {}
     for backend in ("torch", "triton"):

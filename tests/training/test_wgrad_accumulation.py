@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from megatron_gdn2.layers import wgrad_accumulation
 from tests.harness import run_distributed
+from tests.model.helpers import gpu_hybrid_case
 
 
 def test_off_without_a_gpu():
@@ -44,14 +45,9 @@ def main_grads_with_and_without_fusion():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_gdn2.configs import ModelConfig
     from megatron_gdn2.models import build_model, make_transformer_config
 
-    model_cfg = ModelConfig(name="gpu_hybrid", layer_pattern="GA", hidden_size=256, ffn_hidden_size=512,
-                            num_heads=4, head_k_dim=64, head_v_dim=64, swa_num_heads=4, swa_head_dim=64,
-                            swa_window=96, vocab_size=1024, seq_length=192)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1), generator=gen).cuda()
+    model_cfg, tokens = gpu_hybrid_case("GA")
     state, grads, installed = None, {}, wgrad_accumulation.install()
     for fusion in (False, True):
         config = make_transformer_config(model_cfg, params_dtype=torch.bfloat16, bf16=True,
