@@ -9,6 +9,10 @@ import triton.language as tl
 BLOCK = 2048
 
 
+def _block(vocab: int) -> int:
+    return min(BLOCK, triton.next_power_of_2(vocab))
+
+
 @triton.jit
 def _row_stats_kernel(x, labels, m_out, s_out, t_out, V, start, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -48,8 +52,7 @@ def _logits_grad_kernel(x, labels, lse, dloss, dx, V, start, BLOCK: tl.constexpr
 def row_stats_triton(x: torch.Tensor, labels: torch.Tensor, start: int):
     rows, vocab = x.shape
     m, s, t = (torch.empty(rows, device=x.device, dtype=torch.float32) for _ in range(3))
-    _row_stats_kernel[(rows,)](x, labels, m, s, t, vocab, start,
-                               BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
+    _row_stats_kernel[(rows,)](x, labels, m, s, t, vocab, start, BLOCK=_block(vocab))
     return m, s, t
 
 
@@ -57,6 +60,5 @@ def logits_grad_triton(x: torch.Tensor, labels: torch.Tensor, start: int, lse: t
                        dloss: torch.Tensor) -> torch.Tensor:
     rows, vocab = x.shape
     dx = torch.empty_like(x)
-    _logits_grad_kernel[(rows,)](x, labels, lse, dloss, dx, vocab, start,
-                                 BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
+    _logits_grad_kernel[(rows,)](x, labels, lse, dloss, dx, vocab, start, BLOCK=_block(vocab))
     return dx
