@@ -14,7 +14,6 @@ each a `,`-separated list of field=value overrides of this GPU's configuration),
 per-kernel breakdown, and stops: it is how the per-architecture configurations were chosen.
 """
 import argparse
-import dataclasses
 import os
 import time
 
@@ -160,19 +159,16 @@ def breakdown(fn, t, label, iters=5):
 
 def sweep(spec, shape):
     """Times our kernels under each configuration variant of `spec` (see the module docstring)."""
+    device = torch.device("cuda")
     major = torch.cuda.get_device_capability()[0]
-    base = chunk_module.kernel_config(torch.device("cuda"))
+    base = chunk_module.kernel_config(device)
     batch, length = SHAPES[shape]
     t = make_inputs(batch, length)
     lines = [f"sweep at {shape} (B={batch}, T={length}), base {base}"]
     for variant in ["", *spec.split(";")]:
-        overrides = {}
-        for item in filter(None, variant.split(",")):
-            key, value = item.split("=")
-            field_type = type(getattr(base, key.strip()))
-            overrides[key.strip()] = field_type(value) if field_type is not bool else value == "True"
-        chunk_module.CONFIGS[major] = dataclasses.replace(base, **overrides)
+        chunk_module.CONFIGS[major] = base
         try:
+            chunk_module.override_kernel_config(device, variant)
             fwd, fwd_bwd = time_fn(ours, t, None)
             lines.append(f"{variant or 'base':50s} fwd {fwd:7.3f} ms  fwd+bwd {fwd_bwd:7.3f} ms")
             lines.append(breakdown(ours, t, variant or "base", iters=3))

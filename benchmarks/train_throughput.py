@@ -73,6 +73,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from gdn2_kernels.gdn2.chunk import override_kernel_config
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from megatron_gdn2.configs import SWA_BLOCK, count_parameters, get_model_config, layer_parameters
@@ -403,6 +404,8 @@ def environment(args, peak: float | None) -> dict[str, str]:
     env["optimizer"] = "Megatron distributed optimizer (AdamW), DDP with fp32 grad buffers"
     env["peak bf16 TFLOP/s"] = f"{peak:g}" if peak else "unknown (no MFU)"
     env["GDN-2 kernel backend"] = args.kernel_backend or "default (triton on a GPU, torch on a CPU)"
+    if args.kernel_config:
+        env["GDN-2 kernel config overrides"] = args.kernel_config
     fused = args.gradient_accumulation_fusion and wgrad_accumulation.install()
     env["weight-gradient accumulation"] = ("in the wgrad GEMM (gradient_accumulation_fusion)" if fused
                                            else "separate add into main_grad")
@@ -632,6 +635,8 @@ def probe_time_to_first_step(args, point: Point) -> str:
         command += ["--swa-attention-impl", args.swa_attention_impl]
     if not args.gradient_accumulation_fusion:
         command.append("--no-gradient-accumulation-fusion")
+    if args.kernel_config:
+        command += ["--kernel-config", args.kernel_config]
     log(f"time-to-first-step probe: {' '.join(command[1:])}")
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.probe_timeout)
@@ -775,6 +780,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokenizer", help=f"tokenizer of the real-data corpus (default shared/data/{TOKENIZER})")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers (gdn2-pretrain's default: 0)")
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
+    p.add_argument("--kernel-config", help="Triton kernels' launch config overrides on this GPU, "
+                   "FIELD=VALUE,... (gdn2_kernels.gdn2.chunk.KernelConfig)")
     p.add_argument("--swa-attention-impl", help="SWA core attention (default: the model's, flex on a GPU)")
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false",
@@ -805,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
+        if args.kernel_config:
+            if not torch.cuda.is_available():
+                raise ValueError("--kernel-config: the Triton kernels' launch config needs a GPU")
+            override_kernel_config(torch.device("cuda"), args.kernel_config)
         if args.ttfs_probe:
             return run_probe(args, clock)
         if args.profile:
