@@ -1,10 +1,9 @@
 """Chunkwise GDN-2 with Triton kernels: the autograd function and its launches.
 
 Forward (chunk_intra.py, then chunk_state.py): cumsum of g, the scores Aqk and T, the inverse
-A = (I + T)^-1, the WY tensors Y, U (with Qg, Ktail), then the sequential state pass with the
-output (fused into it, or after it for few long sequences). Backward: the forward's per-chunk
-tensors (or the same kernels again, see KernelConfig.recompute_intra), the state-gradient pass
-(reverse over chunks), then chunk_bwd.py:
+A = (I + T)^-1, the WY tensors Y, U (with Qg, Ktail), then the sequential state pass fused with
+the output. Backward: the forward's per-chunk tensors (or the same kernels again, see
+KernelConfig.recompute_intra), the state-gradient pass (reverse over chunks), then chunk_bwd.py:
 WY gradients (dv, dw, dAqk, dT), the state products' parts of dq, dk, db, dg, and the intra-chunk
 parts with the reverse cumsum of dg. Only the sequential state kernels use tensor descriptors;
 the per-chunk kernels read small tiles whose descriptor loads Triton would wait on one by one
@@ -27,12 +26,7 @@ from .chunk_intra import (
     chunk_solve_kernel,
     chunk_wy_fwd_kernel,
 )
-from .chunk_state import (
-    chunk_aqk_do_kernel,
-    chunk_output_kernel,
-    chunk_state_bwd_kernel,
-    chunk_state_fwd_kernel,
-)
+from .chunk_state import chunk_state_bwd_kernel, chunk_state_fwd_kernel
 
 
 @dataclass(frozen=True)
@@ -53,11 +47,6 @@ class KernelConfig:
     state_min_programs: int = 0
     state_warps: int = 4
     state_stages: int = 2
-    # below this many programs of state_bv (sequences x heads x value blocks) the products outside
-    # the state passes' chains (the output; Aqk^T dO) run as parallel per-chunk kernels. 0: never.
-    state_split_programs: int = 0
-    split_bv: int = 64
-    split_warps: int = 4
     wy_bwd_bv: int = 64
     wy_bwd_warps: int = 4
     state_grads_bk: int = 64
@@ -74,7 +63,7 @@ class KernelConfig:
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
     9: KernelConfig(scores_warps=2, solve_warps=2, wy_fwd_warps=8, intra_bwd_bk=64,
-                    state_min_programs=96, state_split_programs=96),
+                    state_min_programs=96),
 }
 
 
@@ -224,20 +213,13 @@ def _state_bv(idx, heads):
     return bv
 
 
-def _split_chains(idx, heads):
-    return idx.N * heads * (idx.BV // min(idx.BV, idx.cfg.state_bv)) < idx.cfg.state_split_programs
-
-
 def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
     """Returns o, the final state (or None), the per-chunk entering states (or None) and the
     per-chunk tensors; q and k are already normalised when the caller asked for it."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    cfg = idx.cfg
     intra = _intra(q, k, v, g, b, w, scale, idx)
     o = torch.empty_like(v)
-    split = _split_chains(idx, H)
-    # the parallel output kernel reads the entering states, so a split pass writes them regardless
-    states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states or split else None
+    states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
     BV = _state_bv(idx, H)
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
@@ -245,18 +227,11 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
         initial_state, o, states, ht,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
-        HAS_H0=initial_state is not None, SAVE_STATES=states is not None,
-        STORE_HT=output_final_state, WITH_OUTPUT=not split,
-        num_warps=cfg.state_warps, num_stages=cfg.state_stages,
+        HAS_H0=initial_state is not None, SAVE_STATES=save_states,
+        STORE_HT=output_final_state,
+        num_warps=idx.cfg.state_warps, num_stages=idx.cfg.state_stages,
     )
-    if split:
-        BVs = min(idx.BV, cfg.split_bv)
-        chunk_output_kernel[(idx.n_chunks, H, triton.cdiv(V, BVs))](
-            intra["qg"], intra["y"], intra["u"], intra["aqk"], states, o,
-            idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk, idx.N,
-            H=H, K=K, V=V, BK=idx.BK, BV=BVs, num_warps=cfg.split_warps,
-        )
-    return o, ht, states if save_states else None, intra
+    return o, ht, states, intra
 
 
 def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, do, dht, h0_grad):
@@ -272,18 +247,12 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    split = _split_chains(idx, H)
-    if split:
-        BVs = min(idx.BV, cfg.split_bv)
-        chunk_aqk_do_kernel[(idx.n_chunks, H, triton.cdiv(V, BVs))](
-            intra["aqk"], do, dr, *coords, idx.N, H=H, V=V, BV=BVs, num_warps=cfg.split_warps,
-        )
     BV = _state_bv(idx, H)
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, DR_HAS_ATDO=split,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
         num_warps=cfg.state_warps, num_stages=cfg.state_stages,
     )
     r = q.new_empty(rows, V)

@@ -168,46 +168,11 @@ def test_interpreter_narrow_state_blocks(monkeypatch):
 
 
 
-@pytest.mark.parametrize("cu_seqlens", [None, [0, 30, 150]])
-def test_interpreter_split_state_chains(monkeypatch, cu_seqlens):
-    """Few programs: the output and Aqk^T dO leave the state passes for per-chunk kernels. In fp32
-    that changes no number (the same products on the same rounded states), and it matches fp64."""
-    from gdn2_kernels.gdn2 import chunk
-
-    tensors = make_inputs(1, 150, 2, 16, 32, dtype=torch.float32, with_state=True,
-                          n_seq=1 if cu_seqlens is None else 2, seed=12)
-    d_o = torch.randn(1, 150, 2, 32, dtype=torch.float64)
-    d_s = torch.randn(tensors["initial_state"].shape, dtype=torch.float64)
-    packed = None if cu_seqlens is None else torch.tensor(cu_seqlens)
-    kwargs = dict(scale=0.25, l2norm=False, cu_seqlens=packed)
-    fused = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
-    _with_config(monkeypatch, state_split_programs=1000)
-    decided = []
-    original = chunk._split_chains
-    monkeypatch.setattr(chunk, "_split_chains", lambda *a: decided.append(original(*a)) or decided[-1])
-    split = _run(chunk_gdn2_triton, tensors, d_o, d_s, **kwargs)
-    assert decided == [True, True]  # forward and backward
-    assert torch.equal(fused[0], split[0]) and torch.equal(fused[1], split[1])
-    for name, grad in fused[2].items():
-        assert torch.equal(grad, split[2][name]), name
-    check_against_reference(1, 150, 2, 16, 32, torch.float32, "cpu", 1e-5, cu_seqlens=cu_seqlens, seed=12)
-
-
 def test_kernel_config_override_names_a_bad_field():
     from gdn2_kernels.gdn2 import chunk
 
     with pytest.raises(ValueError, match="no field 'state_bw'"):
         chunk.override_kernel_config(torch.device("cpu"), "state_bw=32")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("split_programs", [0, 10 ** 6])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
-def test_gpu_state_passes_fused_and_split(monkeypatch, split_programs, dtype, tol):
-    """Both forms of the state passes on the GPU, whichever the architecture's config picks: the
-    output and Aqk^T dO inside the chains (0) or in per-chunk kernels."""
-    _with_config(monkeypatch, state_split_programs=split_programs)
-    check_against_reference(1, 1000, 2, 128, 128, dtype, "cuda", tol, g_min=-2.0, cu_seqlens=None)
 
 
 def test_interpreter_chunk_decay_totals():
