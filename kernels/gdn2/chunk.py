@@ -35,8 +35,6 @@ class KernelConfig:
     key / value widths of the tiles a kernel loops over."""
 
     scores_bk: int = 64
-    # rows of the scores kernel's blocks (16 or 32): a program per row block of a chunk
-    scores_block: int = 16
     scores_warps: int = 4
     solve_warps: int = 4
     wy_fwd_bk: int = 64
@@ -55,7 +53,6 @@ class KernelConfig:
     state_grads_bv: int = 64
     state_grads_warps: int = 4
     intra_bwd_bk: int = 32
-    intra_bwd_block: int = 16  # rows of the intra-chunk backward's blocks (16 or 32)
     intra_bwd_warps: int = 4
     # keep the per-chunk tensors of the forward for the backward (about 100 KB per chunk and head
     # for K = V = 128) instead of recomputing them
@@ -190,9 +187,9 @@ def _intra(q, k, v, g, b, w, scale, idx):
     chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
                               H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
     t = q.new_empty(rows, CHUNK, dtype=f32)
-    chunk_scores_kernel[(idx.n_chunks, H, CHUNK // cfg.scores_block)](
+    chunk_scores_kernel[(idx.n_chunks, H, 4)](
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), BS=cfg.scores_block,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps,
     )
     chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)
@@ -283,7 +280,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     chunk_intra_bwd_kernel[(idx.n_chunks, H, triton.cdiv(K, BKi))](
         q, k, b, intra["G"], daqk, dtm, dq_s, de_s, dk_s, dgc,
         dq, dk, dg, db, *coords, idx.N, scale,
-        H=H, K=K, BKS=idx.BK, BK=BKi, BS=cfg.intra_bwd_block,
+        H=H, K=K, BKS=idx.BK, BK=BKi,
         num_warps=cfg.intra_bwd_warps,
     )
     return dq, dk, dv, dg, db, dw, dh0

@@ -7,7 +7,7 @@ chunk_state_grads_kernel (chunk, head, key block), 64-row tiles, loop over value
     the state products' parts of the gradients, already times their decay factors:
     dq = scale e^G (dO S0^T), de = e^G (-dV' S0^T), dk = e^(G_C - G) (R dS^T), and the chunk-end
     term dG_C = e^(G_C) sum(S0 dS) + sum_r k_r dk_r; fp32 partials for the next kernel.
-chunk_intra_bwd_kernel (chunk, head, key block), row blocks i (of 16 or 32 rows) last to first:
+chunk_intra_bwd_kernel (chunk, head, key block), sub-blocks i = 3..0:
     the intra-chunk products through dAqk and dT with the forward's safe factoring, added to the
     partials; dg = reverse cumsum over the chunk of (q dq + e de - k dk_col) plus dG_C on every
     row; e = b k gives db = de k and dk = dk_col + de b.
@@ -117,7 +117,7 @@ def chunk_intra_bwd_kernel(
     dq, dk, dg, db,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
 ):
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     ck = tl.program_id(2) * BK
@@ -137,51 +137,50 @@ def chunk_intra_bwd_kernel(
 
     tail = tl.load(dgc_in + (i_c * H + i_h) * BKS + ck + tl.arange(0, BK),
                    mask=ck + tl.arange(0, BK) < K, other=0.0)
-    NB: tl.constexpr = 64 // BS
-    for ii in range(0, NB):
-        # last block first: the reverse cumulative sum of dG carries into the earlier ones
-        i = NB - 1 - ii
-        li = i * BS
-        Gi = load_tile(G, K, li, 64, ck, K, BS, BK)
-        qi = load_tile(q, SK, row0 + li, L, ck, K, BS, BK).to(tl.float32)
-        ki = load_tile(k, SK, row0 + li, L, ck, K, BS, BK).to(tl.float32)
-        bi = load_tile(b, SK, row0 + li, L, ck, K, BS, BK).to(tl.float32)
+    for ii in range(0, 4):
+        # last sub-block first: the reverse cumulative sum of dG carries into the earlier ones
+        i = 3 - ii
+        li = i * 16
+        Gi = load_tile(G, K, li, 64, ck, K, 16, BK)
+        qi = load_tile(q, SK, row0 + li, L, ck, K, 16, BK).to(tl.float32)
+        ki = load_tile(k, SK, row0 + li, L, ck, K, 16, BK).to(tl.float32)
+        bi = load_tile(b, SK, row0 + li, L, ck, K, 16, BK).to(tl.float32)
         ei = bi * ki
-        dqi = load_tile(dq_in + base * K, K, li, 64, ck, K, BS, BK)
-        dei = load_tile(de_in + base * K, K, li, 64, ck, K, BS, BK)
-        dki = load_tile(dk_in + base * K, K, li, 64, ck, K, BS, BK)
+        dqi = load_tile(dq_in + base * K, K, li, 64, ck, K, 16, BK)
+        dei = load_tile(de_in + base * K, K, li, 64, ck, K, 16, BK)
+        dki = load_tile(dk_in + base * K, K, li, 64, ck, K, 16, BK)
 
-        # row side, against earlier blocks j through the row before block i
+        # row side, against earlier sub-blocks j through the row before sub-block i
         if i > 0:
             c = load_row(G, K, li - 1, 64, ck, K, BK)
-            xq = tl.zeros([BS, BK], dtype=tl.float32)
-            xe = tl.zeros([BS, BK], dtype=tl.float32)
+            xq = tl.zeros([16, BK], dtype=tl.float32)
+            xe = tl.zeros([16, BK], dtype=tl.float32)
             for j in range(0, i):
-                kj = load_tile(k, SK, row0 + j * BS, L, ck, K, BS, BK).to(tl.float32)
-                kf = kj * tl.exp(c[None, :] - load_tile(G, K, j * BS, 64, ck, K, BS, BK))
-                xq += mm(load_block(daqk, i, j, BS), kf, DT)
-                xe += mm(load_block(dtm, i, j, BS), kf, DT)
+                kj = load_tile(k, SK, row0 + j * 16, L, ck, K, 16, BK).to(tl.float32)
+                kf = kj * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, ck, K, 16, BK))
+                xq += mm(load_block(daqk, i, j), kf, DT)
+                xe += mm(load_block(dtm, i, j), kf, DT)
             rf = tl.exp(Gi - c[None, :])
             dqi += xq * rf * scale
             dei += xe * rf
 
-        # column side, against later blocks m through block i's last row
-        if i < NB - 1:
-            n = load_row(G, K, li + BS - 1, 64, ck, K, BK)
-            x = tl.zeros([BS, BK], dtype=tl.float32)
-            for m in range(i + 1, NB):
-                f = tl.exp(load_tile(G, K, m * BS, 64, ck, K, BS, BK) - n[None, :])
-                km = load_tile(k, SK, row0 + m * BS, L, ck, K, BS, BK).to(tl.float32)
-                qm = load_tile(q, SK, row0 + m * BS, L, ck, K, BS, BK).to(tl.float32)
-                em = load_tile(b, SK, row0 + m * BS, L, ck, K, BS, BK).to(tl.float32) * km
-                x += (mm(tl.trans(load_block(daqk, m, i, BS)) * scale, qm * f, DT)
-                      + mm(tl.trans(load_block(dtm, m, i, BS)), em * f, DT))
+        # column side, against later sub-blocks m through sub-block i's last row
+        if i < 3:
+            n = load_row(G, K, li + 15, 64, ck, K, BK)
+            x = tl.zeros([16, BK], dtype=tl.float32)
+            for m in range(i + 1, 4):
+                f = tl.exp(load_tile(G, K, m * 16, 64, ck, K, 16, BK) - n[None, :])
+                km = load_tile(k, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
+                qm = load_tile(q, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32)
+                em = load_tile(b, SK, row0 + m * 16, L, ck, K, 16, BK).to(tl.float32) * km
+                x += (mm(tl.trans(load_block(daqk, m, i)) * scale, qm * f, DT)
+                      + mm(tl.trans(load_block(dtm, m, i)), em * f, DT))
             dki += x * tl.exp(n[None, :] - Gi)
 
-        # the diagonal block
-        dAd = load_block(daqk, i, i, BS) * scale
-        dTd = load_block(dtm, i, i, BS)
-        Gm = load_row(G, K, li + BS // 2 - 1, 64, ck, K, BK)
+        # the diagonal sub-block
+        dAd = load_block(daqk, i, i) * scale
+        dTd = load_block(dtm, i, i)
+        Gm = load_row(G, K, li + 7, 64, ck, K, BK)
         if diag_factors_safe(Gi, Gm):
             rf = tl.exp(Gi - Gm[None, :])
             cf = tl.exp(Gm[None, :] - Gi)
@@ -190,8 +189,8 @@ def chunk_intra_bwd_kernel(
             dei += rf * mm(dTd, kf, DT)
             dki += cf * (mm(tl.trans(dAd), qi * rf, DT) + mm(tl.trans(dTd), ei * rf, DT))
         else:
-            r = tl.arange(0, BS)
-            for s in range(0, BS):
+            r = tl.arange(0, 16)
+            for s in range(0, 16):
                 ks = load_row(k, SK, row0 + li + s, L, ck, K, BK).to(tl.float32)
                 Gs = load_row(G, K, li + s, 64, ck, K, BK)
                 f = tl.exp(tl.where(r[:, None] >= s, Gi - Gs[None, :], float("-inf")))

@@ -62,9 +62,9 @@ def store_tile(ptr, stride, row, nrows, col, ncols, x):
 
 
 @triton.jit
-def load_block(x, i, j, BS: tl.constexpr):
-    """BS x BS block (i, j) of a chunk's row-major 64x64 matrix."""
-    return load_tile(x, 64, i * BS, 64, j * BS, 64, BS, BS)
+def load_block(x, i, j):
+    """16x16 block (i, j) of a chunk's row-major 64x64 matrix."""
+    return load_tile(x, 64, i * 16, 64, j * 16, 64, 16, 16)
 
 
 @triton.jit

@@ -3,7 +3,7 @@
 Four launches, each small enough to run without register spills (one program per chunk for the
 first three was 1.5x slower on the H200: benchmarks/NOTES_kernels.md):
   chunk_cumsum_kernel   (chunk, head):       G = cumsum(g) in fp32 (chunk-major) and G_C
-  chunk_scores_kernel   (chunk, head, i):    row block i (16 or 32 rows) of Aqk (times scale) and T
+  chunk_scores_kernel   (chunk, head, i):    row sub-block i of Aqk (times scale) and T
   chunk_solve_kernel    (chunk, head):       A = (I + T)^-1 (fp32, 16x16 blocks then combination)
   chunk_wy_fwd_kernel   (chunk, head):       Y = A Ebar, U = A Z, Qg = scale q e^G, Ktail = k e^(G_C - G)
 Inputs are token-major ([tokens, H, D], rows past a sequence's end read as zeros, so G stays
@@ -60,15 +60,14 @@ def _diag_block(a, t, qi, ki, ei, Gi, Gm, DT: tl.constexpr):
     """Adds one key slice of a diagonal block of Aqk (unscaled) and T, upper triangles unmasked:
     through the middle row Gm on tensor cores when the block's decay span allows it, else exactly,
     column by column with the upper triangle masked before the exponential."""
-    BS: tl.constexpr = qi.shape[0]
     if diag_factors_safe(Gi, Gm):
         rf = tl.exp(Gi - Gm[None, :])
         kf = tl.trans(ki * tl.exp(Gm[None, :] - Gi))
         a += mm(qi * rf, kf, DT)
         t += mm(ei * rf, kf, DT)
     else:
-        r = tl.arange(0, BS)
-        for s in range(0, BS):
+        r = tl.arange(0, 16)
+        for s in range(0, 16):
             row = r[:, None] == s
             ks = tl.sum(tl.where(row, ki, 0.0), 0)
             Gs = tl.sum(tl.where(row, Gi, 0.0), 0)
@@ -81,7 +80,7 @@ def _diag_block(a, t, qi, ki, ei, Gi, Gm, DT: tl.constexpr):
 
 @triton.jit
 def _lower(x, strict: tl.constexpr):
-    r = tl.arange(0, x.shape[0])
+    r = tl.arange(0, 16)
     if strict:
         return tl.where(r[:, None] > r[None, :], x, 0.0)
     else:
@@ -93,13 +92,13 @@ def chunk_scores_kernel(
     q, k, b, G, aqk_out, t_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, BS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
 ):
-    """Blocks (i, j <= i) of BS rows of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc)
-    (r >= s) and T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks
-    (i, j > i). Grid axis 2: the row block i (all its blocks, 64 / BS programs per chunk). Measured
-    slower on the H200 (RESULTS_kernels.md runs 12-13): one program per block, and the row block's
-    operands loaded once per key slice with the earlier blocks accumulated side by side."""
+    """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
+    T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i).
+    Grid axis 2: the row block i (all its blocks, 4 programs per chunk). Measured slower on the
+    H200 (RESULTS_kernels.md runs 12-13): one program per block, and the row block's operands
+    loaded once per key slice with the earlier blocks accumulated side by side."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     i_i = tl.program_id(2)
     if i_n >= N:
@@ -113,38 +112,38 @@ def chunk_scores_kernel(
     G += (i_c * H + i_h) * 64 * K
     aqk_out += (i_c * H + i_h) * 64 * 64
     t_out += (i_c * H + i_h) * 64 * 64
-    li = i_i * BS
+    li = i_i * 16
     ri = row0 + li
 
-    # earlier blocks j through the row before block i
+    # earlier sub-blocks j through the row before sub-block i
     for j in range(0, i_i):
-        a = tl.zeros([BS, BS], dtype=tl.float32)
-        t = tl.zeros([BS, BS], dtype=tl.float32)
+        a = tl.zeros([16, 16], dtype=tl.float32)
+        t = tl.zeros([16, 16], dtype=tl.float32)
         for kc in range(0, K, BKC):
             c = load_row(G, K, li - 1, 64, kc, K, BKC)
-            rf = tl.exp(load_tile(G, K, li, 64, kc, K, BS, BKC) - c[None, :])
-            ki = load_tile(k, SK, ri, L, kc, K, BS, BKC).to(tl.float32)
-            qr = load_tile(q, SK, ri, L, kc, K, BS, BKC).to(tl.float32) * rf
-            er = load_tile(b, SK, ri, L, kc, K, BS, BKC).to(tl.float32) * ki * rf
-            kj = load_tile(k, SK, row0 + j * BS, L, kc, K, BS, BKC).to(tl.float32)
-            a, t = _offdiag_block(a, t, qr, er, kj, load_tile(G, K, j * BS, 64, kc, K, BS, BKC), c, DT)
-        store_tile(aqk_out, 64, li, 64, j * BS, 64, a * scale)
-        store_tile(t_out, 64, li, 64, j * BS, 64, t)
+            rf = tl.exp(load_tile(G, K, li, 64, kc, K, 16, BKC) - c[None, :])
+            ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+            qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
+            er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
+            kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+            a, t = _offdiag_block(a, t, qr, er, kj, load_tile(G, K, j * 16, 64, kc, K, 16, BKC), c, DT)
+        store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
+        store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
-    # the diagonal block (through its middle row), and zeros in the blocks after it
-    a = tl.zeros([BS, BS], dtype=tl.float32)
-    t = tl.zeros([BS, BS], dtype=tl.float32)
+    # the diagonal sub-block, and zeros in the blocks after it
+    a = tl.zeros([16, 16], dtype=tl.float32)
+    t = tl.zeros([16, 16], dtype=tl.float32)
     for kc in range(0, K, BKC):
-        ki = load_tile(k, SK, ri, L, kc, K, BS, BKC).to(tl.float32)
-        Gi = load_tile(G, K, li, 64, kc, K, BS, BKC)
-        a, t = _diag_block(a, t, load_tile(q, SK, ri, L, kc, K, BS, BKC).to(tl.float32), ki,
-                           load_tile(b, SK, ri, L, kc, K, BS, BKC).to(tl.float32) * ki,
-                           Gi, load_row(G, K, li + BS // 2 - 1, 64, kc, K, BKC), DT)
+        ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
+        Gi = load_tile(G, K, li, 64, kc, K, 16, BKC)
+        a, t = _diag_block(a, t, load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32), ki,
+                           load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki,
+                           Gi, load_row(G, K, li + 7, 64, kc, K, BKC), DT)
     store_tile(aqk_out, 64, li, 64, li, 64, _lower(a * scale, False))
     store_tile(t_out, 64, li, 64, li, 64, _lower(t, True))
-    zero = tl.zeros([BS, BS], dtype=tl.float32)
-    for j in range(i_i + 1, 64 // BS):
-        store_tile(aqk_out, 64, li, 64, j * BS, 64, zero)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    for j in range(i_i + 1, 4):
+        store_tile(aqk_out, 64, li, 64, j * 16, 64, zero)
 
 
 @triton.jit
@@ -192,10 +191,10 @@ def chunk_solve_kernel(
     H = tl.num_programs(1)
     t_in += (i_c * H + i_h) * 64 * 64
     a_out += (i_c * H + i_h) * 64 * 64
-    _store_inverse(a_out, load_block(t_in, 0, 0, 16), load_block(t_in, 1, 0, 16),
-                   load_block(t_in, 1, 1, 16), load_block(t_in, 2, 0, 16), load_block(t_in, 2, 1, 16),
-                   load_block(t_in, 2, 2, 16), load_block(t_in, 3, 0, 16), load_block(t_in, 3, 1, 16),
-                   load_block(t_in, 3, 2, 16), load_block(t_in, 3, 3, 16), DT)
+    _store_inverse(a_out, load_block(t_in, 0, 0), load_block(t_in, 1, 0), load_block(t_in, 1, 1),
+                   load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
+                   load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
+                   load_block(t_in, 3, 3), DT)
 
 
 @triton.jit(do_not_specialize=["N"])

@@ -168,24 +168,6 @@ def test_interpreter_narrow_state_blocks(monkeypatch):
 
 
 
-@pytest.mark.parametrize("g_min", [-1.0, -20.0])
-def test_interpreter_intra_chunk_blocks_of_32_rows(monkeypatch, g_min):
-    """scores_block = intra_bwd_block = 32: both diagonal paths (tensor cores through the middle
-    row, and column by column under strong decay) against fp64, over a partial chunk."""
-    _with_config(monkeypatch, scores_block=32, intra_bwd_block=32)
-    check_against_reference(1, 100, 2, 32, 16, torch.float32, "cpu", 1e-5, g_min=g_min)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block", [16, 32])
-@pytest.mark.parametrize("dtype, tol, g_min", [(torch.float32, 1e-3, -20.0), (torch.bfloat16, 1e-2, -2.0)])
-def test_gpu_intra_chunk_block_rows(monkeypatch, block, dtype, tol, g_min):
-    """Both block heights of the scores and intra-chunk backward kernels on the GPU, whichever the
-    architecture's config picks (fp32 under strong decay: the column-by-column diagonal path)."""
-    _with_config(monkeypatch, scores_block=block, intra_bwd_block=block)
-    check_against_reference(2, 1000, 4, 128, 128, dtype, "cuda", tol, g_min=g_min)
-
-
 def test_kernel_config_override_names_a_bad_field():
     from gdn2_kernels.gdn2 import chunk
 
