@@ -10,8 +10,9 @@ before it. Its core attention is chosen by `swa_core_attention(config)`:
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
     "local"  Megatron's DotProductAttention (materialises the [T, T] scores; CPU tests)
 
-With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it hands the rotary embedding to
-the core attention, which applies it fused with its [s, b] -> [b, heads, s] layout change.
+With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it applies the rotary embedding
+itself, fused with the query/key/value split and the core attention's [s, b] -> [b, heads, s]
+layout change.
 
 `config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
 a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -100,25 +102,71 @@ class SlidingWindowCoreAttention(MegatronModule):
         raise NotImplementedError
 
 
-@compiled_on_gpu
-def rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def _rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (Megatron's non-interleaved form: x cos + rotate_half(x) sin, rotate_half
     (x1, x2) = (-x2, x1)) of x [s, b, heads, d] with freqs [s, 1, 1, d], returned as [b, heads, s, d]
-    contiguous in x's dtype (fp32 arithmetic). One fused pass on a GPU where Megatron's unfused
-    version (Transformer Engine holds the fused one) makes two concatenations and four products."""
+    contiguous in x's dtype (fp32 arithmetic)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     y = xf * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
     return y.permute(1, 2, 0, 3).contiguous().to(x.dtype)
 
 
+# one fused pass on a GPU where Megatron's unfused version (Transformer Engine holds the fused one)
+# makes two concatenations and four products
+rotary_heads_first = compiled_on_gpu(_rotary_heads_first)
+
+
+@compiled_on_gpu
+def split_rotary_heads_first(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
+                             heads_per_group: int):
+    """Megatron's fused projection output [s, b, groups, (heads_per_group + 2) * d] -> query with
+    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d]. One function
+    so that its backward writes the projection's gradient in one pass: after Megatron's split it
+    is a concatenation of three strided gradients (4.4 ms of a 4K x 4 step of swa_gdn2_1.3B,
+    RESULTS.md run 11)."""
+    s, b, groups, width = mixed.shape
+    parts = mixed.view(s, b, groups, heads_per_group + 2, width // (heads_per_group + 2))
+    query = parts[:, :, :, :heads_per_group].reshape(s, b, groups * heads_per_group, -1)
+    return (_rotary_heads_first(query, q_freqs), _rotary_heads_first(parts[:, :, :, -2], k_freqs),
+            parts[:, :, :, -1].permute(1, 2, 0, 3).contiguous())
+
+
 class RotaryInCoreSelfAttention(SelfAttention):
-    """Megatron's SelfAttention with the rotary embedding handed to the core attention (ours,
-    SlidingWindowCoreAttention), which applies it fused with its layout change."""
+    """Megatron's SelfAttention with the rotary embedding taken out of Megatron's hands: applied with
+    the query/key/value split and the core attention's heads-first layout in one compiled function
+    of the projection's output (`split_rotary_heads_first`), or, where Megatron's own split is
+    needed (query/key norms, an output gate, more TP ranks than key/value heads), by the core
+    attention (SlidingWindowCoreAttention) fused with its layout change."""
+
+    _rotary_pos_emb = None  # this forward's RoPE frequencies
 
     def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
-        self.core_attention.rotary_pos_emb = rotary_pos_emb
+        self._rotary_pos_emb = rotary_pos_emb
         return super().forward(hidden_states, *args, rotary_pos_emb=None, **kwargs)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
+                                    split_qkv=True):
+        rotary = self._rotary_pos_emb
+        fused = (rotary is not None and key_value_states is None and not output_gate and split_qkv
+                 and all(norm is None or isinstance(norm, IdentityOp)
+                         for norm in (self.q_layernorm, self.k_layernorm))
+                 and self.config.num_query_groups >= self.world_size and not self.config.test_mode)
+        # the core attention applies RoPE when this split does not (and again, with the same
+        # frequencies, when selective recompute reruns it in the backward)
+        self.core_attention.rotary_pos_emb = None if fused else rotary
+        if not fused:
+            return super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                       output_gate=output_gate, split_qkv=split_qkv)
+        mixed, _ = self.linear_qkv(hidden_states)
+        groups = self.num_query_groups_per_partition
+        q_freqs, k_freqs = rotary if isinstance(rotary, tuple) else (rotary, rotary)
+        q, k, v = split_rotary_heads_first(
+            mixed.view(*mixed.shape[:2], groups, -1), q_freqs, k_freqs,
+            self.num_attention_heads_per_partition // groups)
+        # Megatron's [s, b, heads, d] shapes over heads-first storage: the core attention's
+        # permute back to [b, heads, s, d] is a view
+        return tuple(x.permute(2, 0, 1, 3) for x in (q, k, v))
 
 
 class BlockedSlidingWindowAttention(SlidingWindowCoreAttention):

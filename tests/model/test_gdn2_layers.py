@@ -248,6 +248,22 @@ def _model_path_checks(out):
     separate = torch.cat([model(chunk, None, None) for chunk in tokens.split(lengths, dim=1)], dim=1)
     out["model_packed_vs_separate"] = _rel(packed, separate)
 
+    from megatron_gdn2.layers import swa
+
+    fused_split = swa.split_rotary_heads_first
+    splits = []
+    swa.split_rotary_heads_first = lambda *args: splits.append(args[0].shape) or fused_split(*args)
+    try:
+        _windowed_model_checks(out)
+    finally:
+        swa.split_rotary_heads_first = fused_split
+    # every SWA layer's forward of the sdpa / flex models (and their recomputation) took our split
+    out["fused_split_calls"] = len(splits)
+
+
+def _windowed_model_checks(out):
+    from megatron_gdn2.configs import get_model_config
+
     for window, variants in ((5, ("sdpa", "flex", "recompute", "selective")), (32, ("sdpa", "flex"))):
         model_cfg = get_model_config("swa_gdn2_tiny", swa_window=window)
         tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, model_cfg.seq_length + 1),
@@ -332,6 +348,13 @@ def test_paper_initialisation(checks):
 def test_sdpa_flex_attention_and_recompute_match_local_path(checks, variant):
     assert checks[f"{variant}_loss_diff"] < 1e-6, checks[f"{variant}_loss_diff"]
     assert checks[f"{variant}_grad_rel_diff"] < 1e-5, checks[f"{variant}_grad_rel_diff"]
+
+
+def test_swa_layers_split_the_projection_with_rope_themselves(checks):
+    """RotaryInCoreSelfAttention's one-function split (query/key/value, RoPE, layout) ran in both
+    SWA layers of each of the six sdpa / flex / recompute models above, and once more in each
+    where full recomputation reruns the forward; the equality checks above are of that path."""
+    assert checks["fused_split_calls"] == 6 * 2 + 2, checks["fused_split_calls"]
 
 
 @pytest.mark.parametrize("case", ["gdn2_tiny", "swa_gdn2_tiny", "gdn2_1.3B/G", "swa_gdn2_1.3B/GA"])
