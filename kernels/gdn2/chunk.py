@@ -47,6 +47,9 @@ class KernelConfig:
     state_min_programs: int = 0
     state_warps: int = 4
     state_stages: int = 2
+    # pipeline stages of the state kernels when their value blocks were halved: a chain of
+    # latency-bound steps, whose smaller tiles leave shared memory for one more stage of loads
+    state_narrow_stages: int = 2
     wy_bwd_bv: int = 64
     wy_bwd_warps: int = 4
     state_grads_bk: int = 64
@@ -63,18 +66,19 @@ class KernelConfig:
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
     9: KernelConfig(scores_warps=2, solve_warps=2, wy_fwd_warps=8, intra_bwd_bk=64,
-                    state_min_programs=96),
+                    state_min_programs=96, state_narrow_stages=3),
 }
 
 
 # fp32 inputs run exact (ieee) products without tensor cores, whose operands take more shared
-# memory: the WY gradient kernel's 64-wide value tiles need 248 KB on the H200 (limit 227 KB)
-FP32_OVERRIDES = {"wy_bwd_bv": 32}
+# memory: the WY gradient kernel's 64-wide value tiles need 248 KB on the H200 (limit 227 KB), and
+# fp32 tiles are twice the size in the state kernels' pipeline stages
+FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_narrow_stages": 2}
 
 
 # keys wider than 128: the sequential state kernels hold [64, K] tiles of three operands; at K = 256
 # with 64-wide value blocks and two pipeline stages they need 319 KB of shared memory on the H200
-WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_stages": 1}
+WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_stages": 1, "state_narrow_stages": 1}
 
 
 def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -206,11 +210,13 @@ def _tl_dtype(dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _state_bv(idx, heads):
-    bv = min(idx.BV, idx.cfg.state_bv)
-    while bv > 16 and idx.N * heads * (idx.BV // bv) < idx.cfg.state_min_programs:
+def _state_launch(idx, heads):
+    """The state kernels' value block and pipeline stages."""
+    cfg = idx.cfg
+    bv = min(idx.BV, cfg.state_bv)
+    while bv > 16 and idx.N * heads * (idx.BV // bv) < cfg.state_min_programs:
         bv //= 2
-    return bv
+    return bv, cfg.state_narrow_stages if bv < min(idx.BV, cfg.state_bv) else cfg.state_stages
 
 
 def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
@@ -221,7 +227,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BV = _state_bv(idx, H)
+    BV, stages = _state_launch(idx, H)
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
         initial_state, o, states, ht,
@@ -229,7 +235,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
         HAS_H0=initial_state is not None, SAVE_STATES=save_states,
         STORE_HT=output_final_state,
-        num_warps=idx.cfg.state_warps, num_stages=idx.cfg.state_stages,
+        num_warps=idx.cfg.state_warps, num_stages=stages,
     )
     return o, ht, states, intra
 
@@ -247,13 +253,13 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    BV = _state_bv(idx, H)
+    BV, stages = _state_launch(idx, H)
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        num_warps=cfg.state_warps, num_stages=cfg.state_stages,
+        num_warps=cfg.state_warps, num_stages=stages,
     )
     r = q.new_empty(rows, V)
     dvp = q.new_empty(rows, V)

@@ -151,21 +151,20 @@ def _with_config(monkeypatch, **fields):
 
 def test_interpreter_narrow_state_blocks(monkeypatch):
     """Few sequences and heads: the state kernels halve their value blocks (here 32 -> 16) for
-    more programs; against fp64 with an initial and a final state."""
+    more programs, with their own pipeline depth; against fp64 with an initial and a final state."""
     from gdn2_kernels.gdn2 import chunk
 
-    _with_config(monkeypatch, state_min_programs=1000)
-    widths = []
-    original = chunk._state_bv
+    _with_config(monkeypatch, state_min_programs=1000, state_stages=2, state_narrow_stages=3)
+    launches = []
+    original = chunk._state_launch
 
     def recorded(idx, heads):
-        widths.append(original(idx, heads))
-        return widths[-1]
+        launches.append(original(idx, heads))
+        return launches[-1]
 
-    monkeypatch.setattr(chunk, "_state_bv", recorded)
+    monkeypatch.setattr(chunk, "_state_launch", recorded)
     check_against_reference(1, 100, 1, 16, 32, torch.float32, "cpu", 1e-5)
-    assert widths and set(widths) == {16}
-
+    assert launches and set(launches) == {(16, 3)}
 
 
 def test_kernel_config_override_names_a_bad_field():
