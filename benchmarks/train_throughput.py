@@ -383,6 +383,28 @@ def triton_cache_state() -> str:
     return f"{'warm' if entries else 'cold'} ({entries} compiled entries in {cache} at start)"
 
 
+NVIDIA_SMI_FIELDS = {"power.limit": "power limit {} W", "clocks.max.sm": "max SM clock {} MHz",
+                     "clocks.sm": "SM clock {} MHz", "temperature.gpu": "{} C"}
+
+
+def gpu_power_and_clocks(props) -> str:
+    """nvidia-smi's power limit and clocks of this process's GPU: lent H200s of one name have moved
+    the same grid by up to 3% (RESULTS.md), and the power limit is one difference they can have."""
+    uuid = getattr(props, "uuid", None)
+    if uuid is None:
+        return "unknown (no device UUID from torch)"
+    try:
+        proc = subprocess.run(["nvidia-smi", f"--id=GPU-{uuid}", "--format=csv,noheader,nounits",
+                               f"--query-gpu={','.join(NVIDIA_SMI_FIELDS)}"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    values = [v.strip() for v in proc.stdout.strip().split(",")]
+    if proc.returncode or len(values) != len(NVIDIA_SMI_FIELDS):
+        return f"unknown (nvidia-smi: {(proc.stderr or proc.stdout).strip()[:200]})"
+    return ", ".join(fmt.format(v) for fmt, v in zip(NVIDIA_SMI_FIELDS.values(), values))
+
+
 def environment(args, peak: float | None) -> dict[str, str]:
     import megatron.core
     import triton
@@ -394,6 +416,7 @@ def environment(args, peak: float | None) -> dict[str, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        env["power limit and clocks at start"] = gpu_power_and_clocks(props)
         env["SDPA backends"] = ", ".join(
             name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
                                   ("mem-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
