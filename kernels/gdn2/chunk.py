@@ -91,9 +91,9 @@ def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
     return replace(cfg, **WIDE_KEY_OVERRIDES) if key_dim > 128 else cfg
 
 
-def override_kernel_config(device: torch.device, spec: str) -> KernelConfig:
+def override_kernel_config(device: torch.device, spec: str) -> None:
     """Replaces fields of `device`'s architecture config from "field=value,field=value" (launch
-    experiments: benchmarks' --sweep and --kernel-config); returns the config it replaced."""
+    experiments: benchmarks' --sweep and --kernel-config)."""
     fields = KernelConfig.__dataclass_fields__
     overrides = {}
     for item in filter(None, spec.split(",")):
@@ -102,9 +102,7 @@ def override_kernel_config(device: torch.device, spec: str) -> KernelConfig:
             raise ValueError(f"kernel config: no field {key!r}; fields: {', '.join(fields)}")
         field_type = type(fields[key].default)
         overrides[key] = value == "True" if field_type is bool else field_type(value)
-    base = kernel_config(device)
-    CONFIGS[torch.cuda.get_device_capability(device)[0]] = replace(base, **overrides)
-    return base
+    CONFIGS[torch.cuda.get_device_capability(device)[0]] = replace(kernel_config(device), **overrides)
 
 
 @dataclass
