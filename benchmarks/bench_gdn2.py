@@ -157,20 +157,40 @@ def breakdown(fn, t, label, iters=5):
     return "\n".join(lines)
 
 
+def output_and_grads(t, dtype=None):
+    """Our o and input gradients for a fixed random dO, with the inputs cast to `dtype` (None: as
+    they are)."""
+    leaves = {n: x.detach().to(dtype or x.dtype).requires_grad_(True) for n, x in t.items() if n != "beta"}
+    o = ours(leaves)
+    o.backward(torch.randn(o.shape, generator=torch.Generator(device="cuda").manual_seed(1),
+                           device="cuda").to(o.dtype))
+    return [o.detach().float()] + [leaves[n].grad.float() for n in sorted(leaves)]
+
+
+def max_rel_err(actual, expected):
+    """max over o and the gradients of max |actual - expected| / max |expected|."""
+    return max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
+
+
 def sweep(spec, shape):
-    """Times our kernels under each configuration variant of `spec` (see the module docstring)."""
+    """Times our kernels under each configuration variant of `spec` (see the module docstring), and
+    gives each variant's largest relative error (o and every input gradient) against our kernels
+    in fp32 (exact products) on the same inputs, since some variants trade precision."""
     device = torch.device("cuda")
     major = torch.cuda.get_device_capability()[0]
     base = chunk_module.kernel_config(device)
     batch, length = SHAPES[shape]
     t = make_inputs(batch, length)
+    reference = output_and_grads(t, torch.float32)
     lines = [f"sweep at {shape} (B={batch}, T={length}), base {base}"]
     for variant in ["", *spec.split(";")]:
         chunk_module.CONFIGS[major] = base
         try:
             chunk_module.override_kernel_config(device, variant)
             fwd, fwd_bwd = time_fn(ours, t, None)
-            lines.append(f"{variant or 'base':50s} fwd {fwd:7.3f} ms  fwd+bwd {fwd_bwd:7.3f} ms")
+            err = max_rel_err(output_and_grads(t), reference)
+            lines.append(f"{variant or 'base':50s} fwd {fwd:7.3f} ms  fwd+bwd {fwd_bwd:7.3f} ms"
+                         f"  rel err {err:.2e}")
             lines.append(breakdown(ours, t, variant or "base", iters=3))
         except Exception as exc:  # a variant that does not compile or fit must not end the sweep
             lines.append(f"{variant:50s} failed: {type(exc).__name__}: {str(exc)[:200]}")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
 
 from .chunk_bwd import chunk_intra_bwd_kernel, chunk_state_grads_kernel, chunk_wy_bwd_kernel
 from .chunk_common import CHUNK, next_pow2
@@ -36,10 +35,19 @@ class KernelConfig:
 
     scores_bk: int = 64
     scores_warps: int = 4
+    # the off-diagonal scores blocks from k e^(G_e - G) precomputed per 16-row sub-block by the
+    # cumsum kernel (G_e: the sub-block's last row), scaled per channel, instead of a tile of
+    # exponentials per block pair
+    scores_kbar: bool = False
     solve_warps: int = 4
+    # input precision of the 16x16 products that build the inverse from bf16 / fp16 inputs (fp32
+    # inputs use ieee)
+    inverse_precision: str = "tf32x3"
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
+    # Y = A Ebar and U = A Z with A and the data in the inputs' dtype (tensor cores) instead of tf32
+    wy_fwd_lowp: bool = False
     state_bv: int = 64
     # the state kernels run one program per (value block, sequence, head), each sequential over the
     # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
@@ -186,26 +194,24 @@ def _intra(q, k, v, g, b, w, scale, idx):
     }
     coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
     grid = (idx.n_chunks, H)
-    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
-                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
+    kb = q.new_empty(rows, K) if cfg.scores_kbar else out["G"]
+    chunk_cumsum_kernel[grid](g, k, out["G"], out["gc"], kb, *coords, idx.N,
+                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), KBAR=cfg.scores_kbar, num_warps=4)
     t = q.new_empty(rows, CHUNK, dtype=f32)
     chunk_scores_kernel[(idx.n_chunks, H, 4)](
-        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
+        q, k, b, out["G"], kb, out["aqk"], t, *coords, idx.N, scale,
+        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), KBAR=cfg.scores_kbar,
         num_warps=cfg.scores_warps,
     )
-    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, DT=_tl_dtype(q.dtype), num_warps=cfg.solve_warps)
+    prec = "ieee" if q.dtype == torch.float32 else cfg.inverse_precision
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, PREC=prec, num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
         H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk), BVC=min(idx.BV, cfg.wy_fwd_bv),
-        num_warps=cfg.wy_fwd_warps,
+        LOWP=cfg.wy_fwd_lowp, num_warps=cfg.wy_fwd_warps,
     )
     return out
-
-
-def _tl_dtype(dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def _state_launch(idx, heads):

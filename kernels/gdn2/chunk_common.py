@@ -105,26 +105,24 @@ def mm_solve(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def mm_exact(a, b, DT: tl.constexpr):
-    """Products for building the inverse: ieee for fp32 inputs, 3-pass tf32 otherwise."""
-    if DT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="tf32x3")
+def mm_exact(a, b, PREC: tl.constexpr):
+    """fp32 products for building the inverse, at input precision PREC (KernelConfig's
+    inverse_precision; ieee for fp32 inputs)."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
-def unit_lower_inverse(T, DT: tl.constexpr):
+def unit_lower_inverse(T, PREC: tl.constexpr):
     """(I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8) for a strictly lower (nilpotent) 16x16 T."""
     r = tl.arange(0, 16)
     eye = (r[:, None] == r[None, :]).to(tl.float32)
-    T2 = mm_exact(T, T, DT)
-    T4 = mm_exact(T2, T2, DT)
-    T8 = mm_exact(T4, T4, DT)
+    T2 = mm_exact(T, T, PREC)
+    T4 = mm_exact(T2, T2, PREC)
+    T8 = mm_exact(T4, T4, PREC)
     A = eye - T
-    A += mm_exact(A, T2, DT)
-    A += mm_exact(A, T4, DT)
-    A += mm_exact(A, T8, DT)
+    A += mm_exact(A, T2, PREC)
+    A += mm_exact(A, T4, PREC)
+    A += mm_exact(A, T8, PREC)
     return A
 
 

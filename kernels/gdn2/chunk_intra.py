@@ -29,30 +29,34 @@ from .chunk_common import (
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_cumsum_kernel(
-    g, G_out, gc_out,
+    g, k, G_out, gc_out, kb_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, KBAR: tl.constexpr,
 ):
+    """With KBAR also kb = k e^(G_e - G), G_e the G of the last row of the row's 16-row sub-block
+    (factors <= 1): the column operand of every off-diagonal scores block, up to a per-channel
+    factor."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
     g += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
     G_out += (i_c * H + i_h) * 64 * K
+    kb_out += (i_c * H + i_h) * 64 * K
     gc_out += (i_c * H + i_h) * BK
     for kc in range(0, BK, BKC):
         x = load_tile(g, H * K, row0, eos - bos, kc, K, 64, BKC).to(tl.float32)
         store_tile(G_out, K, 0, 64, kc, K, tl.cumsum(x, 0))
+        if KBAR:
+            x3 = tl.reshape(x, (4, 16, BKC))
+            tail = tl.reshape(tl.cumsum(x3, 1, reverse=True) - x3, (64, BKC))
+            kt = load_tile(k, H * K, row0, eos - bos, kc, K, 64, BKC).to(tl.float32)
+            store_tile(kb_out, K, 0, 64, kc, K, kt * tl.exp(tail))
         # padding channels (K < BK) get G_C = 0: the state kernels read all BK entries
         tl.store(gc_out + kc + tl.arange(0, BKC), tl.sum(x, 0))
 
 
-@triton.jit
-def _offdiag_block(a, t, qr, er, kj, Gj, c, DT: tl.constexpr):
-    """Adds one key slice of the block pair (i, j < i) of Aqk (unscaled) and T: qr and er are the
-    row block's q and b*k already times exp(G_i - c), c the row before block i."""
-    kf = tl.trans(kj * tl.exp(c[None, :] - Gj))
-    return a + mm(qr, kf, DT), t + mm(er, kf, DT)
 
 
 @triton.jit
@@ -89,10 +93,10 @@ def _lower(x, strict: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_scores_kernel(
-    q, k, b, G, aqk_out, t_out,
+    q, k, b, G, kb, aqk_out, t_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, KBAR: tl.constexpr,
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
     T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i).
@@ -110,6 +114,7 @@ def chunk_scores_kernel(
     k += (bos * H + i_h) * K
     b += (bos * H + i_h) * K
     G += (i_c * H + i_h) * 64 * K
+    kb += (i_c * H + i_h) * 64 * K
     aqk_out += (i_c * H + i_h) * 64 * 64
     t_out += (i_c * H + i_h) * 64 * 64
     li = i_i * 16
@@ -125,8 +130,15 @@ def chunk_scores_kernel(
             ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
             qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
             er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
-            kj = load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
-            a, t = _offdiag_block(a, t, qr, er, kj, load_tile(G, K, j * 16, 64, kc, K, 16, BKC), c, DT)
+            if KBAR:
+                # kb_j e^(c - G_e(j)): both factors <= 1 (G_e(j) is at or before c)
+                kf = (load_tile(kb, K, j * 16, 64, kc, K, 16, BKC).to(tl.float32)
+                      * tl.exp(c - load_row(G, K, j * 16 + 15, 64, kc, K, BKC))[None, :])
+            else:
+                kf = (load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+                      * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
+            a += mm(qr, tl.trans(kf), DT)
+            t += mm(er, tl.trans(kf), DT)
         store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
         store_tile(t_out, 64, li, 64, j * 16, 64, t)
 
@@ -156,20 +168,20 @@ def _store_block_row(ptr, i, b0, b1, b2, b3):
 
 
 @triton.jit
-def _store_inverse(a_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, DT: tl.constexpr):
+def _store_inverse(a_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, PREC: tl.constexpr):
     """Stores A = (I + T)^-1 from the ten lower 16x16 blocks of T (diagonal blocks strictly lower),
     by blocks: A_ii by unit_lower_inverse, A_ij = -A_ii sum_{j <= l < i} T_il A_lj. All 16 blocks
     are written (zeros above the diagonal) so later kernels load A as one tile."""
-    I00 = unit_lower_inverse(T00, DT)
-    I11 = unit_lower_inverse(T11, DT)
-    I22 = unit_lower_inverse(T22, DT)
-    I33 = unit_lower_inverse(T33, DT)
-    I10 = -mm_exact(I11, mm_exact(T10, I00, DT), DT)
-    I21 = -mm_exact(I22, mm_exact(T21, I11, DT), DT)
-    I32 = -mm_exact(I33, mm_exact(T32, I22, DT), DT)
-    I20 = -mm_exact(I22, mm_exact(T20, I00, DT) + mm_exact(T21, I10, DT), DT)
-    I31 = -mm_exact(I33, mm_exact(T31, I11, DT) + mm_exact(T32, I21, DT), DT)
-    I30 = -mm_exact(I33, mm_exact(T30, I00, DT) + mm_exact(T31, I10, DT) + mm_exact(T32, I20, DT), DT)
+    I00 = unit_lower_inverse(T00, PREC)
+    I11 = unit_lower_inverse(T11, PREC)
+    I22 = unit_lower_inverse(T22, PREC)
+    I33 = unit_lower_inverse(T33, PREC)
+    I10 = -mm_exact(I11, mm_exact(T10, I00, PREC), PREC)
+    I21 = -mm_exact(I22, mm_exact(T21, I11, PREC), PREC)
+    I32 = -mm_exact(I33, mm_exact(T32, I22, PREC), PREC)
+    I20 = -mm_exact(I22, mm_exact(T20, I00, PREC) + mm_exact(T21, I10, PREC), PREC)
+    I31 = -mm_exact(I33, mm_exact(T31, I11, PREC) + mm_exact(T32, I21, PREC), PREC)
+    I30 = -mm_exact(I33, mm_exact(T30, I00, PREC) + mm_exact(T31, I10, PREC) + mm_exact(T32, I20, PREC), PREC)
     zero = tl.zeros([16, 16], dtype=tl.float32)
     _store_block_row(a_out, 0, _lower(I00, False), zero, zero, zero)
     _store_block_row(a_out, 1, I10, _lower(I11, False), zero, zero)
@@ -182,7 +194,7 @@ def chunk_solve_kernel(
     t_in, a_out,
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N,
-    DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """A = (I + T)^-1 from the lower blocks of T written by chunk_scores_kernel."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
@@ -194,7 +206,15 @@ def chunk_solve_kernel(
     _store_inverse(a_out, load_block(t_in, 0, 0), load_block(t_in, 1, 0), load_block(t_in, 1, 1),
                    load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
                    load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
-                   load_block(t_in, 3, 3), DT)
+                   load_block(t_in, 3, 3), PREC)
+
+
+@triton.jit
+def _apply_inverse(A, x, DT: tl.constexpr, LOWP: tl.constexpr):
+    if LOWP:
+        return mm(A, x, DT)
+    else:
+        return mm_solve(A, x, DT)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -204,8 +224,10 @@ def chunk_wy_fwd_kernel(
     cu_seqlens, chunk_offsets, seq_of_chunk,
     N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
-    BVC: tl.constexpr,
+    BVC: tl.constexpr, LOWP: tl.constexpr,
 ):
+    """LOWP: the inverse applied in the inputs' dtype on tensor cores instead of tf32 (fp32 inputs
+    stay exact either way)."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
     if i_n >= N:
         return
@@ -222,12 +244,14 @@ def chunk_wy_fwd_kernel(
     G += base * K
     gc += (i_c * H + i_h) * BK
     A = load_tile(a_in + base * 64, 64, 0, 64, 0, 64, 64, 64)
+    if LOWP:
+        A = A.to(DT)
     for kc in range(0, K, BKC):
         Gt = load_tile(G, K, 0, 64, kc, K, 64, BKC)
         eg = tl.exp(Gt)
         kt = load_tile(k, SK, row0, L, kc, K, 64, BKC).to(tl.float32)
         et = load_tile(b, SK, row0, L, kc, K, 64, BKC).to(tl.float32) * kt
-        store_tile(y_out + base * K, K, 0, 64, kc, K, mm_solve(A, et * eg, DT))
+        store_tile(y_out + base * K, K, 0, 64, kc, K, _apply_inverse(A, et * eg, DT, LOWP))
         store_tile(qg_out + base * K, K, 0, 64, kc, K,
                    load_tile(q, SK, row0, L, kc, K, 64, BKC).to(tl.float32) * eg * scale)
         c = load_row(gc, 0, 0, 1, kc, K, BKC)
@@ -235,5 +259,5 @@ def chunk_wy_fwd_kernel(
     for vc in range(0, V, BVC):
         z = (load_tile(w, SV, row0, L, vc, V, 64, BVC).to(tl.float32)
              * load_tile(v, SV, row0, L, vc, V, 64, BVC).to(tl.float32))
-        store_tile(u_out + base * V, V, 0, 64, vc, V, mm_solve(A, z, DT))
+        store_tile(u_out + base * V, V, 0, 64, vc, V, _apply_inverse(A, z, DT, LOWP))
 
