@@ -35,19 +35,20 @@ class KernelConfig:
 
     scores_bk: int = 64
     scores_warps: int = 4
-    # the off-diagonal scores blocks from k e^(G_e - G) precomputed per 16-row sub-block by the
-    # cumsum kernel (G_e: the sub-block's last row), scaled per channel, instead of a tile of
-    # exponentials per block pair
-    scores_kbar: bool = False
     solve_warps: int = 4
     # input precision of the 16x16 products that build the inverse from bf16 / fp16 inputs (fp32
-    # inputs use ieee)
-    inverse_precision: str = "tf32x3"
+    # inputs use ieee). tf32 against tf32x3 on the H200 (RESULTS_kernels.md, run 24): the inverse
+    # kernel 0.137 -> 0.052 ms at 4x4096, no larger error against fp32 at any benchmark shape.
+    inverse_precision: str = "tf32"
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
-    # Y = A Ebar and U = A Z with A and the data in the inputs' dtype (tensor cores) instead of tf32
-    wy_fwd_lowp: bool = False
+    # the inverse computed inside the WY kernel (one launch fewer, A read back from L2) instead of
+    # by its own kernel (A/B switch)
+    fuse_solve: bool = False
+    # equal-length batches: per-chunk programs compute their coordinates from the program id
+    # instead of loading them from the chunk index (A/B switch)
+    static_coords: bool = True
     state_bv: int = 64
     # the state kernels run one program per (value block, sequence, head), each sequential over the
     # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
@@ -117,7 +118,9 @@ def override_kernel_config(device: torch.device, spec: str) -> None:
 class ChunkIndex:
     """How chunks map to sequences (device tensors, built without a host sync): token offsets
     cu_seqlens [N+1], first chunk of each sequence chunk_offsets [N+1] and the sequence of every
-    chunk seq_of_chunk [n_chunks] (N for the padding entries of the packed grid bound)."""
+    chunk seq_of_chunk [n_chunks] (N for the padding entries of the packed grid bound). With
+    varlen False every sequence has `length` tokens and the per-chunk kernels derive their
+    coordinates from that."""
 
     cu_seqlens: torch.Tensor
     chunk_offsets: torch.Tensor
@@ -127,6 +130,12 @@ class ChunkIndex:
     BK: int
     BV: int
     cfg: KernelConfig
+    varlen: bool
+    length: int
+
+    def coords(self):
+        """The per-chunk kernels' coordinate arguments (cu_seqlens, chunk_offsets, seq_of_chunk, T)."""
+        return self.cu_seqlens, self.chunk_offsets, self.seq_of_chunk, self.length
 
     @classmethod
     def build(cls, q, v, cu_seqlens):
@@ -148,9 +157,10 @@ class ChunkIndex:
             n_chunks = length // CHUNK + n_seq
             grid_ids = torch.arange(n_chunks, device=dev, dtype=torch.int32)
             seq_of_chunk = (torch.searchsorted(chunk_offsets, grid_ids, right=True) - 1).to(torch.int32)
+        cfg = kernel_config(dev, q.dtype, q.shape[-1])
         return cls(cu, chunk_offsets, seq_of_chunk, n_seq, n_chunks,
-                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]),
-                   kernel_config(dev, q.dtype, q.shape[-1]))
+                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]), cfg,
+                   varlen=cu_seqlens is not None or not cfg.static_coords, length=length)
 
 
 def _scratch(size, align, stream):
@@ -192,24 +202,25 @@ def _intra(q, k, v, g, b, w, scale, idx):
         "y": q.new_empty(rows, K),
         "u": q.new_empty(rows, V),
     }
-    coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
+    coords = idx.coords()
     grid = (idx.n_chunks, H)
-    kb = q.new_empty(rows, K) if cfg.scores_kbar else out["G"]
-    chunk_cumsum_kernel[grid](g, k, out["G"], out["gc"], kb, *coords, idx.N,
-                              H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), KBAR=cfg.scores_kbar, num_warps=4)
+    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
+                              VARLEN=idx.varlen, H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
     t = q.new_empty(rows, CHUNK, dtype=f32)
     chunk_scores_kernel[(idx.n_chunks, H, 4)](
-        q, k, b, out["G"], kb, out["aqk"], t, *coords, idx.N, scale,
-        H=H, K=K, BKC=min(idx.BK, cfg.scores_bk), KBAR=cfg.scores_kbar,
+        q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
+        VARLEN=idx.varlen, H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps,
     )
     prec = "ieee" if q.dtype == torch.float32 else cfg.inverse_precision
-    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, PREC=prec, num_warps=cfg.solve_warps)
+    if not cfg.fuse_solve:
+        chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=prec,
+                                 num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
-        q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
+        q, k, v, b, w, out["G"], out["gc"], t, out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
-        H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk), BVC=min(idx.BV, cfg.wy_fwd_bv),
-        LOWP=cfg.wy_fwd_lowp, num_warps=cfg.wy_fwd_warps,
+        VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk),
+        BVC=min(idx.BV, cfg.wy_fwd_bv), SOLVE=cfg.fuse_solve, PREC=prec, num_warps=cfg.wy_fwd_warps,
     )
     return out
 
@@ -251,7 +262,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     cfg = idx.cfg
     if intra is None:
         intra = _intra(q, k, v, g, b, w, scale, idx)
-    coords = (idx.cu_seqlens, idx.chunk_offsets, idx.seq_of_chunk)
+    coords = idx.coords()
     rows = idx.n_chunks * H * CHUNK
     f32 = torch.float32
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
@@ -273,7 +284,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     chunk_wy_bwd_kernel[(idx.n_chunks, H)](
         v, w, do, intra["y"], intra["u"], intra["a"], states, dr,
         r, dvp, daqk, dtm, dv, dw, *coords, idx.N,
-        H=H, K=K, V=V, BK=idx.BK, BV=min(idx.BV, cfg.wy_bwd_bv),
+        VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BV=min(idx.BV, cfg.wy_bwd_bv),
         num_warps=cfg.wy_bwd_warps,
     )
     dq_s, de_s, dk_s = (q.new_empty(rows, K, dtype=f32) for _ in range(3))
@@ -282,7 +293,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     chunk_state_grads_kernel[(idx.n_chunks, H, triton.cdiv(K, BKs))](
         k, do, intra["G"], intra["gc"], states, dstates, r, dvp, dq_s, de_s, dk_s, dgc,
         *coords, idx.N, scale,
-        H=H, K=K, V=V, BKS=idx.BK, BK=BKs, BV=min(idx.BV, cfg.state_grads_bv),
+        VARLEN=idx.varlen, H=H, K=K, V=V, BKS=idx.BK, BK=BKs, BV=min(idx.BV, cfg.state_grads_bv),
         num_warps=cfg.state_grads_warps,
     )
     dq, dk, dg, db = (torch.empty_like(x) for x in (q, k, g, b))
@@ -290,7 +301,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     chunk_intra_bwd_kernel[(idx.n_chunks, H, triton.cdiv(K, BKi))](
         q, k, b, intra["G"], daqk, dtm, dq_s, de_s, dk_s, dgc,
         dq, dk, dg, db, *coords, idx.N, scale,
-        H=H, K=K, BKS=idx.BK, BK=BKi,
+        VARLEN=idx.varlen, H=H, K=K, BKS=idx.BK, BK=BKi,
         num_warps=cfg.intra_bwd_warps,
     )
     return dq, dk, dv, dg, db, dw, dh0

@@ -27,15 +27,16 @@ from .chunk_common import (
 )
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_wy_bwd_kernel(
     v, w, do, y, u, a, states, dr,
     r_out, dvp_out, daqk_out, dt_out, dv, dw,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr,
 ):
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     if i_n >= N:
         return
     DT: tl.constexpr = y.dtype.element_ty
@@ -67,16 +68,16 @@ def chunk_wy_bwd_kernel(
     store_tile(dt_out + base * 64, 64, 0, 64, 0, 64, tl.where(r[:, None] > r[None, :], dT, 0.0))
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_state_grads_kernel(
     k, do, G, gc, states, dstates, r_in, dvp_in,
     dq_out, de_out, dk_out, dgc_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BKS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     ck = tl.program_id(2) * BK
     if i_n >= N:
         return
@@ -111,15 +112,15 @@ def chunk_state_grads_kernel(
     tl.store(dgc_out + (i_c * H + i_h) * BKS + ck + tl.arange(0, BK), dgc, mask=ck + tl.arange(0, BK) < K)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_intra_bwd_kernel(
     q, k, b, G, daqk, dtm, dq_in, de_in, dk_in, dgc_in,
     dq, dk, dg, db,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BKS: tl.constexpr, BK: tl.constexpr,
 ):
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     ck = tl.program_id(2) * BK
     if i_n >= N:
         return

@@ -19,15 +19,24 @@ CHUNK = 64
 
 
 @triton.jit
-def chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk):
+def chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN: tl.constexpr):
     """This program's chunk and head (grid axes 0 and 1), the chunk's sequence, that sequence's first
     and one-past-last token, and the chunk's first row within the sequence. The sequence index is
-    N for the padding programs of a packed grid (callers return early)."""
+    N for the padding programs of a packed grid (callers return early). Without VARLEN every
+    sequence has T tokens and the coordinates follow from the program id, with no dependent loads
+    ahead of the first tile."""
     i_c = tl.program_id(0)
-    i_n = tl.load(seq_of_chunk + i_c)
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    row0 = (i_c - tl.load(chunk_offsets + i_n)) * 64
+    if VARLEN:
+        i_n = tl.load(seq_of_chunk + i_c)
+        bos = tl.load(cu_seqlens + i_n)
+        eos = tl.load(cu_seqlens + i_n + 1)
+        row0 = (i_c - tl.load(chunk_offsets + i_n)) * 64
+    else:
+        nt = (T + 63) // 64
+        i_n = i_c // nt
+        bos = i_n * T
+        eos = bos + T
+        row0 = (i_c - i_n * nt) * 64
     return i_c, tl.program_id(1), i_n, bos, eos, row0
 
 

@@ -27,32 +27,22 @@ from .chunk_common import (
 )
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_cumsum_kernel(
-    g, k, G_out, gc_out, kb_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    g, G_out, gc_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, KBAR: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
 ):
-    """With KBAR also kb = k e^(G_e - G), G_e the G of the last row of the row's 16-row sub-block
-    (factors <= 1): the column operand of every off-diagonal scores block, up to a per-channel
-    factor."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     if i_n >= N:
         return
     g += (bos * H + i_h) * K
-    k += (bos * H + i_h) * K
     G_out += (i_c * H + i_h) * 64 * K
-    kb_out += (i_c * H + i_h) * 64 * K
     gc_out += (i_c * H + i_h) * BK
     for kc in range(0, BK, BKC):
         x = load_tile(g, H * K, row0, eos - bos, kc, K, 64, BKC).to(tl.float32)
         store_tile(G_out, K, 0, 64, kc, K, tl.cumsum(x, 0))
-        if KBAR:
-            x3 = tl.reshape(x, (4, 16, BKC))
-            tail = tl.reshape(tl.cumsum(x3, 1, reverse=True) - x3, (64, BKC))
-            kt = load_tile(k, H * K, row0, eos - bos, kc, K, 64, BKC).to(tl.float32)
-            store_tile(kb_out, K, 0, 64, kc, K, kt * tl.exp(tail))
         # padding channels (K < BK) get G_C = 0: the state kernels read all BK entries
         tl.store(gc_out + kc + tl.arange(0, BKC), tl.sum(x, 0))
 
@@ -91,19 +81,19 @@ def _lower(x, strict: tl.constexpr):
         return tl.where(r[:, None] >= r[None, :], x, 0.0)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_scores_kernel(
-    q, k, b, G, kb, aqk_out, t_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    q, k, b, G, aqk_out, t_out,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr, KBAR: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BKC: tl.constexpr,
 ):
     """Blocks (i, j <= i) of Aqk[r, s] = scale sum_c q_rc k_sc exp(G_rc - G_sc) (r >= s) and
     T[r, s] = sum_c b_rc k_rc k_sc exp(G_rc - G_sc) (r > s); zeros in Aqk's blocks (i, j > i).
     Grid axis 2: the row block i (all its blocks, 4 programs per chunk). Measured slower on the
     H200 (RESULTS_kernels.md runs 12-13): one program per block, and the row block's operands
     loaded once per key slice with the earlier blocks accumulated side by side."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     i_i = tl.program_id(2)
     if i_n >= N:
         return
@@ -114,7 +104,6 @@ def chunk_scores_kernel(
     k += (bos * H + i_h) * K
     b += (bos * H + i_h) * K
     G += (i_c * H + i_h) * 64 * K
-    kb += (i_c * H + i_h) * 64 * K
     aqk_out += (i_c * H + i_h) * 64 * 64
     t_out += (i_c * H + i_h) * 64 * 64
     li = i_i * 16
@@ -130,13 +119,8 @@ def chunk_scores_kernel(
             ki = load_tile(k, SK, ri, L, kc, K, 16, BKC).to(tl.float32)
             qr = load_tile(q, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * rf
             er = load_tile(b, SK, ri, L, kc, K, 16, BKC).to(tl.float32) * ki * rf
-            if KBAR:
-                # kb_j e^(c - G_e(j)): both factors <= 1 (G_e(j) is at or before c)
-                kf = (load_tile(kb, K, j * 16, 64, kc, K, 16, BKC).to(tl.float32)
-                      * tl.exp(c - load_row(G, K, j * 16 + 15, 64, kc, K, BKC))[None, :])
-            else:
-                kf = (load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
-                      * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
+            kf = (load_tile(k, SK, row0 + j * 16, L, kc, K, 16, BKC).to(tl.float32)
+                  * tl.exp(c[None, :] - load_tile(G, K, j * 16, 64, kc, K, 16, BKC)))
             a += mm(qr, tl.trans(kf), DT)
             t += mm(er, tl.trans(kf), DT)
         store_tile(aqk_out, 64, li, 64, j * 16, 64, a * scale)
@@ -189,46 +173,42 @@ def _store_inverse(a_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, PREC
     _store_block_row(a_out, 3, I30, I31, I32, _lower(I33, False))
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_solve_kernel(
     t_in, a_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N,
-    PREC: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """A = (I + T)^-1 from the lower blocks of T written by chunk_scores_kernel."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     if i_n >= N:
         return
     H = tl.num_programs(1)
-    t_in += (i_c * H + i_h) * 64 * 64
-    a_out += (i_c * H + i_h) * 64 * 64
+    _solve_chunk(t_in + (i_c * H + i_h) * 64 * 64, a_out + (i_c * H + i_h) * 64 * 64, PREC)
+
+
+@triton.jit
+def _solve_chunk(t_in, a_out, PREC: tl.constexpr):
+    """One chunk's A = (I + T)^-1 from the lower blocks of its T."""
     _store_inverse(a_out, load_block(t_in, 0, 0), load_block(t_in, 1, 0), load_block(t_in, 1, 1),
                    load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
                    load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
                    load_block(t_in, 3, 3), PREC)
 
 
-@triton.jit
-def _apply_inverse(A, x, DT: tl.constexpr, LOWP: tl.constexpr):
-    if LOWP:
-        return mm(A, x, DT)
-    else:
-        return mm_solve(A, x, DT)
-
-
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def chunk_wy_fwd_kernel(
-    q, k, v, b, w, G, gc, a_in,
+    q, k, v, b, w, G, gc, t_in, a_in,
     qg_out, kt_out, y_out, u_out,
-    cu_seqlens, chunk_offsets, seq_of_chunk,
+    cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
-    BVC: tl.constexpr, LOWP: tl.constexpr,
+    VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+    BKC: tl.constexpr, BVC: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """LOWP: the inverse applied in the inputs' dtype on tensor cores instead of tf32 (fp32 inputs
-    stay exact either way)."""
-    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk)
+    """SOLVE: the chunk's inverse is computed here from T (written to a_in for the backward and
+    read back as one tile) instead of by chunk_solve_kernel."""
+    i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     if i_n >= N:
         return
     DT: tl.constexpr = q.dtype.element_ty
@@ -243,15 +223,16 @@ def chunk_wy_fwd_kernel(
     w += (bos * H + i_h) * V
     G += base * K
     gc += (i_c * H + i_h) * BK
+    if SOLVE:
+        _solve_chunk(t_in + base * 64, a_in + base * 64, PREC)
+        tl.debug_barrier()
     A = load_tile(a_in + base * 64, 64, 0, 64, 0, 64, 64, 64)
-    if LOWP:
-        A = A.to(DT)
     for kc in range(0, K, BKC):
         Gt = load_tile(G, K, 0, 64, kc, K, 64, BKC)
         eg = tl.exp(Gt)
         kt = load_tile(k, SK, row0, L, kc, K, 64, BKC).to(tl.float32)
         et = load_tile(b, SK, row0, L, kc, K, 64, BKC).to(tl.float32) * kt
-        store_tile(y_out + base * K, K, 0, 64, kc, K, _apply_inverse(A, et * eg, DT, LOWP))
+        store_tile(y_out + base * K, K, 0, 64, kc, K, mm_solve(A, et * eg, DT))
         store_tile(qg_out + base * K, K, 0, 64, kc, K,
                    load_tile(q, SK, row0, L, kc, K, 64, BKC).to(tl.float32) * eg * scale)
         c = load_row(gc, 0, 0, 1, kc, K, BKC)
@@ -259,5 +240,5 @@ def chunk_wy_fwd_kernel(
     for vc in range(0, V, BVC):
         z = (load_tile(w, SV, row0, L, vc, V, 64, BVC).to(tl.float32)
              * load_tile(v, SV, row0, L, vc, V, 64, BVC).to(tl.float32))
-        store_tile(u_out + base * V, V, 0, 64, vc, V, _apply_inverse(A, z, DT, LOWP))
+        store_tile(u_out + base * V, V, 0, 64, vc, V, mm_solve(A, z, DT))
 
