@@ -14,6 +14,7 @@
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   train:X  train_throughput.py ${TRAIN_ARGS_X} into train_throughput_X.log (variants side by side)
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
+#   sleep:N  wait N seconds before the lane's next step
 # Triton's autotune results are cached on disk (TRITON_CACHE_AUTOTUNING): `kernels` leaves them in
 # $OUT/triton_autotune.tgz; carried back as .whl/triton_autotune.tgz they spare fla's minutes of
 # tuning in a later call (our kernels do not autotune).
@@ -105,6 +106,9 @@ for step in "${@:-all}"; do
         OUT="$OUT/$variant" python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 \
             | tee "$OUT/train_throughput_$variant.log" | tail -30
         status=$((status | PIPESTATUS[0])) ;;
+    sleep:*)
+        # lets another lane's timed first call compile alone (Triton compiles on the host's CPUs)
+        sleep "${step#sleep:}" ;;
     multi | all)
         python3 benchmarks/multi_gpu.py all --workdir /tmp/mg ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" | tail -60
         status=$((status | PIPESTATUS[0])) ;;

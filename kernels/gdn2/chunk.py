@@ -43,12 +43,6 @@ class KernelConfig:
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
-    # the inverse computed inside the WY kernel (one launch fewer, A read back from L2) instead of
-    # by its own kernel (A/B switch)
-    fuse_solve: bool = False
-    # equal-length batches: per-chunk programs compute their coordinates from the program id
-    # instead of loading them from the chunk index (A/B switch)
-    static_coords: bool = True
     state_bv: int = 64
     # the state kernels run one program per (value block, sequence, head), each sequential over the
     # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
@@ -157,10 +151,9 @@ class ChunkIndex:
             n_chunks = length // CHUNK + n_seq
             grid_ids = torch.arange(n_chunks, device=dev, dtype=torch.int32)
             seq_of_chunk = (torch.searchsorted(chunk_offsets, grid_ids, right=True) - 1).to(torch.int32)
-        cfg = kernel_config(dev, q.dtype, q.shape[-1])
         return cls(cu, chunk_offsets, seq_of_chunk, n_seq, n_chunks,
-                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]), cfg,
-                   varlen=cu_seqlens is not None or not cfg.static_coords, length=length)
+                   next_pow2(q.shape[-1]), next_pow2(v.shape[-1]),
+                   kernel_config(dev, q.dtype, q.shape[-1]), varlen=cu_seqlens is not None, length=length)
 
 
 def _scratch(size, align, stream):
@@ -213,14 +206,13 @@ def _intra(q, k, v, g, b, w, scale, idx):
         num_warps=cfg.scores_warps,
     )
     prec = "ieee" if q.dtype == torch.float32 else cfg.inverse_precision
-    if not cfg.fuse_solve:
-        chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=prec,
-                                 num_warps=cfg.solve_warps)
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=prec,
+                             num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
-        q, k, v, b, w, out["G"], out["gc"], t, out["a"], out["qg"], out["kt"], out["y"], out["u"],
+        q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk),
-        BVC=min(idx.BV, cfg.wy_fwd_bv), SOLVE=cfg.fuse_solve, PREC=prec, num_warps=cfg.wy_fwd_warps,
+        BVC=min(idx.BV, cfg.wy_fwd_bv), num_warps=cfg.wy_fwd_warps,
     )
     return out
 

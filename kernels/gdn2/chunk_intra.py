@@ -185,12 +185,8 @@ def chunk_solve_kernel(
     if i_n >= N:
         return
     H = tl.num_programs(1)
-    _solve_chunk(t_in + (i_c * H + i_h) * 64 * 64, a_out + (i_c * H + i_h) * 64 * 64, PREC)
-
-
-@triton.jit
-def _solve_chunk(t_in, a_out, PREC: tl.constexpr):
-    """One chunk's A = (I + T)^-1 from the lower blocks of its T."""
+    t_in += (i_c * H + i_h) * 64 * 64
+    a_out += (i_c * H + i_h) * 64 * 64
     _store_inverse(a_out, load_block(t_in, 0, 0), load_block(t_in, 1, 0), load_block(t_in, 1, 1),
                    load_block(t_in, 2, 0), load_block(t_in, 2, 1), load_block(t_in, 2, 2),
                    load_block(t_in, 3, 0), load_block(t_in, 3, 1), load_block(t_in, 3, 2),
@@ -199,15 +195,13 @@ def _solve_chunk(t_in, a_out, PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "T"])
 def chunk_wy_fwd_kernel(
-    q, k, v, b, w, G, gc, t_in, a_in,
+    q, k, v, b, w, G, gc, a_in,
     qg_out, kt_out, y_out, u_out,
     cu_seqlens, chunk_offsets, seq_of_chunk, T,
     N, scale,
     VARLEN: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-    BKC: tl.constexpr, BVC: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr,
+    BKC: tl.constexpr, BVC: tl.constexpr,
 ):
-    """SOLVE: the chunk's inverse is computed here from T (written to a_in for the backward and
-    read back as one tile) instead of by chunk_solve_kernel."""
     i_c, i_h, i_n, bos, eos, row0 = chunk_program(cu_seqlens, chunk_offsets, seq_of_chunk, T, VARLEN)
     if i_n >= N:
         return
@@ -223,9 +217,6 @@ def chunk_wy_fwd_kernel(
     w += (bos * H + i_h) * V
     G += base * K
     gc += (i_c * H + i_h) * BK
-    if SOLVE:
-        _solve_chunk(t_in + base * 64, a_in + base * 64, PREC)
-        tl.debug_barrier()
     A = load_tile(a_in + base * 64, 64, 0, 64, 0, 64, 64, 64)
     for kc in range(0, K, BKC):
         Gt = load_tile(G, K, 0, 64, kc, K, 64, BKC)
