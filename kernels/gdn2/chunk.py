@@ -36,8 +36,8 @@ class KernelConfig:
     scores_bk: int = 64
     scores_warps: int = 4
     solve_warps: int = 4
-    # input precision of the 16x16 products that build the inverse from bf16 / fp16 inputs (fp32
-    # inputs use ieee). tf32 against tf32x3 on the H200 (RESULTS_kernels.md, run 24): the inverse
+    # input precision of the 16x16 products that build the inverse (fp32 inputs: ieee, in
+    # FP32_OVERRIDES). tf32 against tf32x3 on the H200 (RESULTS_kernels.md, run 24): the inverse
     # kernel 0.137 -> 0.052 ms at 4x4096, no larger error against fp32 at any benchmark shape.
     inverse_precision: str = "tf32"
     wy_fwd_bk: int = 64
@@ -76,7 +76,7 @@ CONFIGS = {
 # fp32 inputs run exact (ieee) products without tensor cores, whose operands take more shared
 # memory: the WY gradient kernel's 64-wide value tiles need 248 KB on the H200 (limit 227 KB), and
 # fp32 tiles are twice the size in the state kernels' pipeline stages
-FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_narrow_stages": 2}
+FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_narrow_stages": 2, "inverse_precision": "ieee"}
 
 
 # keys wider than 128: the sequential state kernels hold [64, K] tiles of three operands; at K = 256
@@ -205,8 +205,7 @@ def _intra(q, k, v, g, b, w, scale, idx):
         VARLEN=idx.varlen, H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps,
     )
-    prec = "ieee" if q.dtype == torch.float32 else cfg.inverse_precision
-    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=prec,
+    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=cfg.inverse_precision,
                              num_warps=cfg.solve_warps)
     chunk_wy_fwd_kernel[grid](
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],

@@ -114,9 +114,9 @@ def mm_solve(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def mm_exact(a, b, PREC: tl.constexpr):
-    """fp32 products for building the inverse, at input precision PREC (KernelConfig's
-    inverse_precision; ieee for fp32 inputs)."""
+def mm_inverse(a, b, PREC: tl.constexpr):
+    """fp32 products that build the inverse, at input precision PREC (KernelConfig's
+    inverse_precision)."""
     return tl.dot(a, b, input_precision=PREC)
 
 
@@ -125,13 +125,13 @@ def unit_lower_inverse(T, PREC: tl.constexpr):
     """(I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8) for a strictly lower (nilpotent) 16x16 T."""
     r = tl.arange(0, 16)
     eye = (r[:, None] == r[None, :]).to(tl.float32)
-    T2 = mm_exact(T, T, PREC)
-    T4 = mm_exact(T2, T2, PREC)
-    T8 = mm_exact(T4, T4, PREC)
+    T2 = mm_inverse(T, T, PREC)
+    T4 = mm_inverse(T2, T2, PREC)
+    T8 = mm_inverse(T4, T4, PREC)
     A = eye - T
-    A += mm_exact(A, T2, PREC)
-    A += mm_exact(A, T4, PREC)
-    A += mm_exact(A, T8, PREC)
+    A += mm_inverse(A, T2, PREC)
+    A += mm_inverse(A, T4, PREC)
+    A += mm_inverse(A, T8, PREC)
     return A
 
 

@@ -20,7 +20,7 @@ from .chunk_common import (
     load_row,
     load_tile,
     mm,
-    mm_exact,
+    mm_inverse,
     mm_solve,
     store_tile,
     unit_lower_inverse,
@@ -45,8 +45,6 @@ def chunk_cumsum_kernel(
         store_tile(G_out, K, 0, 64, kc, K, tl.cumsum(x, 0))
         # padding channels (K < BK) get G_C = 0: the state kernels read all BK entries
         tl.store(gc_out + kc + tl.arange(0, BKC), tl.sum(x, 0))
-
-
 
 
 @triton.jit
@@ -160,12 +158,13 @@ def _store_inverse(a_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, PREC
     I11 = unit_lower_inverse(T11, PREC)
     I22 = unit_lower_inverse(T22, PREC)
     I33 = unit_lower_inverse(T33, PREC)
-    I10 = -mm_exact(I11, mm_exact(T10, I00, PREC), PREC)
-    I21 = -mm_exact(I22, mm_exact(T21, I11, PREC), PREC)
-    I32 = -mm_exact(I33, mm_exact(T32, I22, PREC), PREC)
-    I20 = -mm_exact(I22, mm_exact(T20, I00, PREC) + mm_exact(T21, I10, PREC), PREC)
-    I31 = -mm_exact(I33, mm_exact(T31, I11, PREC) + mm_exact(T32, I21, PREC), PREC)
-    I30 = -mm_exact(I33, mm_exact(T30, I00, PREC) + mm_exact(T31, I10, PREC) + mm_exact(T32, I20, PREC), PREC)
+    I10 = -mm_inverse(I11, mm_inverse(T10, I00, PREC), PREC)
+    I21 = -mm_inverse(I22, mm_inverse(T21, I11, PREC), PREC)
+    I32 = -mm_inverse(I33, mm_inverse(T32, I22, PREC), PREC)
+    I20 = -mm_inverse(I22, mm_inverse(T20, I00, PREC) + mm_inverse(T21, I10, PREC), PREC)
+    I31 = -mm_inverse(I33, mm_inverse(T31, I11, PREC) + mm_inverse(T32, I21, PREC), PREC)
+    I30 = -mm_inverse(I33, mm_inverse(T30, I00, PREC) + mm_inverse(T31, I10, PREC)
+                      + mm_inverse(T32, I20, PREC), PREC)
     zero = tl.zeros([16, 16], dtype=tl.float32)
     _store_block_row(a_out, 0, _lower(I00, False), zero, zero, zero)
     _store_block_row(a_out, 1, I10, _lower(I11, False), zero, zero)
