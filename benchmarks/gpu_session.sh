@@ -7,7 +7,7 @@
 #   tests:P  the GPU-marked tests under the comma-separated paths P (e.g. tests:tests/kernels,tests/hf)
 #   kernels  bench_gdn2.py side by side with fla (fla's first call at a shape autotunes ~200 s)
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
-#   sweep:S  the same at shape S (e.g. sweep:1x16384)
+#   sweep:S  the same at shape S (e.g. sweep:1x16384), with the variants of $SWEEP_S if it is set
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   ce       bench_cross_entropy.py (the loss beside Megatron's fused and unfused cross entropy)
 #   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
@@ -78,7 +78,8 @@ for step in "${@:-all}"; do
     sweep | sweep:*)
         shape=${SWEEP_SHAPE:-4x4096}
         [ "$step" = sweep ] || shape=${step#sweep:}
-        python3 benchmarks/bench_gdn2.py --shapes "$shape" --sweep "${SWEEP:-}" --out "$OUT/sweep_$shape" 2>&1 \
+        variants_var=SWEEP_$shape
+        python3 benchmarks/bench_gdn2.py --shapes "$shape" --sweep "${!variants_var:-${SWEEP:-}}" --out "$OUT/sweep_$shape" 2>&1 \
             | tee "$OUT/bench_sweep_$shape.log" | grep -E "fwd|chunk_|total|failed"
         status=$((status | PIPESTATUS[0])) ;;
     mixer)

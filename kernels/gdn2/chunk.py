@@ -68,7 +68,7 @@ class KernelConfig:
 # keyed by CUDA compute capability major; anything else (and the CPU interpreter) uses the default.
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
-    9: KernelConfig(scores_warps=1, solve_warps=1, wy_fwd_warps=8, intra_bwd_bk=64,
+    9: KernelConfig(scores_bk=32, scores_warps=1, solve_warps=1, wy_fwd_warps=8, intra_bwd_bk=64,
                     state_min_programs=96, state_narrow_stages=3),
 }
 
