@@ -35,6 +35,9 @@ class KernelConfig:
 
     scores_bk: int = 64
     scores_warps: int = 4
+    # software-pipeline stages of the per-chunk forward kernels' key and value loops (Triton's
+    # num_stages; 3 is its default on CUDA)
+    scores_stages: int = 3
     solve_warps: int = 4
     # input precision of the 16x16 products that build the inverse (fp32 inputs: ieee, in
     # FP32_OVERRIDES). tf32 against tf32x3 on the H200 (RESULTS_kernels.md, run 24): the inverse
@@ -43,6 +46,7 @@ class KernelConfig:
     wy_fwd_bk: int = 64
     wy_fwd_bv: int = 64
     wy_fwd_warps: int = 4
+    wy_fwd_stages: int = 3
     state_bv: int = 64
     # the state kernels run one program per (value block, sequence, head), each sequential over the
     # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
@@ -203,7 +207,7 @@ def _intra(q, k, v, g, b, w, scale, idx):
     chunk_scores_kernel[(idx.n_chunks, H, 4)](
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
-        num_warps=cfg.scores_warps,
+        num_warps=cfg.scores_warps, num_stages=cfg.scores_stages,
     )
     chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=cfg.inverse_precision,
                              num_warps=cfg.solve_warps)
@@ -211,7 +215,7 @@ def _intra(q, k, v, g, b, w, scale, idx):
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk),
-        BVC=min(idx.BV, cfg.wy_fwd_bv), num_warps=cfg.wy_fwd_warps,
+        BVC=min(idx.BV, cfg.wy_fwd_bv), num_warps=cfg.wy_fwd_warps, num_stages=cfg.wy_fwd_stages,
     )
     return out
 
