@@ -12,6 +12,8 @@ the per-chunk kernels read small tiles whose descriptor loads Triton would wait 
 Packed sequences are addressed through device tensors built from cu_seqlens (no host sync); every
 length is a runtime argument, so new lengths never recompile.
 """
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -72,8 +74,8 @@ class KernelConfig:
 # keyed by CUDA compute capability major; anything else (and the CPU interpreter) uses the default.
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
-    9: KernelConfig(scores_bk=32, scores_warps=1, solve_warps=1, wy_fwd_warps=8, intra_bwd_bk=64,
-                    state_min_programs=96, state_narrow_stages=3),
+    9: KernelConfig(scores_bk=32, scores_warps=1, solve_warps=1, wy_fwd_bk=32, wy_fwd_bv=32,
+                    intra_bwd_bk=64, state_min_programs=96, state_narrow_stages=3),
 }
 
 
@@ -183,6 +185,49 @@ def _check_layout(tensors):
             )
 
 
+# inside `precompile`: the pool that compiles the launches instead of running them, and its futures
+_COMPILING = contextvars.ContextVar("gdn2_compiling", default=None)
+# (device, dtypes, shapes' kernel-relevant parts, flags, config) already compiled by `precompile`
+_PRECOMPILED = set()
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    compiling = _COMPILING.get()
+    if compiling is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        pool, futures = compiling
+        futures.append(pool.submit(kernel.warmup, *args, grid=grid, **kwargs))
+
+
+def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, grads, h0_grad):
+    """Compiles, on parallel threads, every kernel that this forward (and its backward when `grads`)
+    will launch, once per specialization: Triton would otherwise compile the nine kernels one
+    after the other at their first launches (12 s on the H200 with an empty cache,
+    RESULTS_kernels.md). Nothing runs on the GPU; the launches see empty tensors of the real shapes,
+    so every launch parameter that depends on the shape is the real one."""
+    key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg,
+           _state_launch(idx, q.shape[2]), initial_state is not None, output_final_state, grads, h0_grad)
+    if not q.is_cuda or key in _PRECOMPILED:
+        return
+    triton.runtime.driver.active.get_current_device()  # the driver's one-time set-up, on this thread
+    futures = []
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        token = _COMPILING.set((pool, futures))
+        try:
+            o, ht, states, intra = chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                                                  idx, save_states=grads)
+            if grads:
+                chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states,
+                               None if idx.cfg.recompute_intra else intra, torch.empty_like(o),
+                               torch.empty_like(ht) if output_final_state else None, h0_grad)
+        finally:
+            _COMPILING.reset(token)
+        for future in futures:
+            future.result()
+    _PRECOMPILED.add(key)
+
+
 def _intra(q, k, v, g, b, w, scale, idx):
     """Per-chunk forward pass; returns its tensors (chunk-major rows, 64 per chunk and head)."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -201,17 +246,19 @@ def _intra(q, k, v, g, b, w, scale, idx):
     }
     coords = idx.coords()
     grid = (idx.n_chunks, H)
-    chunk_cumsum_kernel[grid](g, out["G"], out["gc"], *coords, idx.N,
-                              VARLEN=idx.varlen, H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
+    _launch(chunk_cumsum_kernel, grid, g, out["G"], out["gc"], *coords, idx.N,
+            VARLEN=idx.varlen, H=H, K=K, BK=idx.BK, BKC=min(idx.BK, 64), num_warps=4)
     t = q.new_empty(rows, CHUNK, dtype=f32)
-    chunk_scores_kernel[(idx.n_chunks, H, 4)](
+    _launch(
+        chunk_scores_kernel, (idx.n_chunks, H, 4),
         q, k, b, out["G"], out["aqk"], t, *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, BKC=min(idx.BK, cfg.scores_bk),
         num_warps=cfg.scores_warps, num_stages=cfg.scores_stages,
     )
-    chunk_solve_kernel[grid](t, out["a"], *coords, idx.N, VARLEN=idx.varlen, PREC=cfg.inverse_precision,
-                             num_warps=cfg.solve_warps)
-    chunk_wy_fwd_kernel[grid](
+    _launch(chunk_solve_kernel, grid, t, out["a"], *coords, idx.N, VARLEN=idx.varlen,
+            PREC=cfg.inverse_precision, num_warps=cfg.solve_warps)
+    _launch(
+        chunk_wy_fwd_kernel, grid,
         q, k, v, b, w, out["G"], out["gc"], out["a"], out["qg"], out["kt"], out["y"], out["u"],
         *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BKC=min(idx.BK, cfg.wy_fwd_bk),
@@ -238,7 +285,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
     BV, stages = _state_launch(idx, H)
-    chunk_state_fwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
+    _launch(chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
         initial_state, o, states, ht,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
@@ -264,7 +311,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
     BV, stages = _state_launch(idx, H)
-    chunk_state_bwd_kernel[(triton.cdiv(V, BV), idx.N, H)](
+    _launch(chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
@@ -276,7 +323,8 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     daqk = q.new_empty(rows, CHUNK, dtype=f32)
     dtm = q.new_empty(rows, CHUNK, dtype=f32)
     dv, dw = torch.empty_like(v), torch.empty_like(w)
-    chunk_wy_bwd_kernel[(idx.n_chunks, H)](
+    _launch(
+        chunk_wy_bwd_kernel, (idx.n_chunks, H),
         v, w, do, intra["y"], intra["u"], intra["a"], states, dr,
         r, dvp, daqk, dtm, dv, dw, *coords, idx.N,
         VARLEN=idx.varlen, H=H, K=K, V=V, BK=idx.BK, BV=min(idx.BV, cfg.wy_bwd_bv),
@@ -285,7 +333,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dq_s, de_s, dk_s = (q.new_empty(rows, K, dtype=f32) for _ in range(3))
     dgc = q.new_empty(idx.n_chunks * H, idx.BK, dtype=f32)
     BKs = min(idx.BK, cfg.state_grads_bk)
-    chunk_state_grads_kernel[(idx.n_chunks, H, triton.cdiv(K, BKs))](
+    _launch(chunk_state_grads_kernel, (idx.n_chunks, H, triton.cdiv(K, BKs)),
         k, do, intra["G"], intra["gc"], states, dstates, r, dvp, dq_s, de_s, dk_s, dgc,
         *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, V=V, BKS=idx.BK, BK=BKs, BV=min(idx.BV, cfg.state_grads_bv),
@@ -293,7 +341,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     )
     dq, dk, dg, db = (torch.empty_like(x) for x in (q, k, g, b))
     BKi = min(idx.BK, cfg.intra_bwd_bk)
-    chunk_intra_bwd_kernel[(idx.n_chunks, H, triton.cdiv(K, BKi))](
+    _launch(chunk_intra_bwd_kernel, (idx.n_chunks, H, triton.cdiv(K, BKi)),
         q, k, b, intra["G"], daqk, dtm, dq_s, de_s, dk_s, dgc,
         dq, dk, dg, db, *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, BKS=idx.BK, BK=BKi,
@@ -325,13 +373,15 @@ class ChunkGDN2Function(torch.autograd.Function):
         idx = ChunkIndex.build(q, v, cu_seqlens)
         save = any(ctx.needs_input_grad)
         qn, kn = (_l2norm(q), _l2norm(k)) if use_l2norm else (q, k)
+        h0_grad = initial_state is not None and ctx.needs_input_grad[7]
+        precompile(qn, kn, v, g, b, w, scale, initial_state, output_final_state, idx, save, h0_grad)
         o, ht, states, intra = chunk_gdn2_fwd(qn, kn, v, g, b, w, scale, initial_state, output_final_state,
                                               idx, save_states=save)
         if save:
             ctx.intra = None if idx.cfg.recompute_intra else intra
             ctx.save_for_backward(q, k, v, g, b, w, initial_state, states)
             ctx.idx, ctx.scale, ctx.use_l2norm = idx, scale, use_l2norm
-            ctx.h0_grad = initial_state is not None and ctx.needs_input_grad[7]
+            ctx.h0_grad = h0_grad
         return o, ht
 
     @staticmethod

@@ -124,6 +124,23 @@ def test_gpu_largest_key_dim_and_unequal_value_dim():
     check_against_reference(1, 300, 2, 256, 64, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
 
 
+@pytest.mark.gpu
+def test_gpu_first_call_compiles_every_kernel_before_launching(monkeypatch):
+    """The first call compiles all nine kernels of its forward and backward on parallel threads
+    (`precompile`, Triton's warm-up: nothing runs); its launches then compile nothing more, and the
+    result is still right."""
+    import triton
+
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda **kw: compiled.append((kw["fn"].name, kw["is_manual_warmup"])))
+    # K = 96, V = 48 with an initial state: a specialization no other test compiles in this process
+    check_against_reference(1, 200, 2, 96, 48, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
+    names = {name for name, _ in compiled}
+    assert len(names) == 9 and all(name.startswith("chunk_") for name in names), compiled
+    assert all(warmup for _, warmup in compiled), f"compiled at launch: {compiled}"
+
+
 def test_interpreter_recomputed_intra_tensors_give_the_same_gradients(monkeypatch):
     """KernelConfig.recompute_intra (memory for time: the backward runs the per-chunk forward
     kernels again instead of keeping their tensors) changes no number."""
