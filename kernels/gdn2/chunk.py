@@ -285,7 +285,8 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
     BV, stages = _state_launch(idx, H)
-    _launch(chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
+    _launch(
+        chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
         initial_state, o, states, ht,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
@@ -311,7 +312,8 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
     BV, stages = _state_launch(idx, H)
-    _launch(chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
+    _launch(
+        chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
@@ -333,7 +335,8 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dq_s, de_s, dk_s = (q.new_empty(rows, K, dtype=f32) for _ in range(3))
     dgc = q.new_empty(idx.n_chunks * H, idx.BK, dtype=f32)
     BKs = min(idx.BK, cfg.state_grads_bk)
-    _launch(chunk_state_grads_kernel, (idx.n_chunks, H, triton.cdiv(K, BKs)),
+    _launch(
+        chunk_state_grads_kernel, (idx.n_chunks, H, triton.cdiv(K, BKs)),
         k, do, intra["G"], intra["gc"], states, dstates, r, dvp, dq_s, de_s, dk_s, dgc,
         *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, V=V, BKS=idx.BK, BK=BKs, BV=min(idx.BV, cfg.state_grads_bv),
@@ -341,7 +344,8 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     )
     dq, dk, dg, db = (torch.empty_like(x) for x in (q, k, g, b))
     BKi = min(idx.BK, cfg.intra_bwd_bk)
-    _launch(chunk_intra_bwd_kernel, (idx.n_chunks, H, triton.cdiv(K, BKi)),
+    _launch(
+        chunk_intra_bwd_kernel, (idx.n_chunks, H, triton.cdiv(K, BKi)),
         q, k, b, intra["G"], daqk, dtm, dq_s, de_s, dk_s, dgc,
         dq, dk, dg, db, *coords, idx.N, scale,
         VARLEN=idx.varlen, H=H, K=K, BKS=idx.BK, BK=BKi,
