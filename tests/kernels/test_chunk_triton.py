@@ -126,7 +126,7 @@ def test_gpu_largest_key_dim_and_unequal_value_dim():
 
 @pytest.mark.gpu
 def test_gpu_first_call_compiles_every_kernel_before_launching(monkeypatch):
-    """The first call compiles all nine kernels of its forward and backward on parallel threads
+    """The first call compiles the kernels of its forward and backward on parallel threads
     (`precompile`, Triton's warm-up: nothing runs); its launches then compile nothing more, and the
     result is still right."""
     import triton
@@ -136,8 +136,11 @@ def test_gpu_first_call_compiles_every_kernel_before_launching(monkeypatch):
                         lambda **kw: compiled.append((kw["fn"].name, kw["is_manual_warmup"])))
     # K = 96, V = 48 with an initial state: a specialization no other test compiles in this process
     check_against_reference(1, 200, 2, 96, 48, torch.bfloat16, "cuda", 1e-2, g_min=-2.0)
-    names = {name for name, _ in compiled}
-    assert len(names) == 9 and all(name.startswith("chunk_") for name in names), compiled
+    # the inverse kernel does not depend on K or V: earlier tests may have compiled it already
+    assert {name for name, _ in compiled} >= {
+        "chunk_cumsum_kernel", "chunk_scores_kernel", "chunk_wy_fwd_kernel", "chunk_state_fwd_kernel",
+        "chunk_state_bwd_kernel", "chunk_wy_bwd_kernel", "chunk_state_grads_kernel", "chunk_intra_bwd_kernel",
+    }, compiled
     assert all(warmup for _, warmup in compiled), f"compiled at launch: {compiled}"
 
 
