@@ -54,6 +54,11 @@ class KernelConfig:
     # sequence's chunks: with fewer programs than this (few long sequences), value blocks are halved
     # (down to 16) for more, shorter programs. 0: always state_bv.
     state_min_programs: int = 0
+    # wider value blocks (0: none) where they still give state_min_programs programs (many
+    # sequences): half the programs, each over the same chunks, where state_bv's programs would
+    # need a second wave on the GPU; the backward's wide blocks run with their own warp count
+    state_wide_bv: int = 0
+    state_wide_bwd_warps: int = 4
     state_warps: int = 4
     state_stages: int = 2
     # pipeline stages of the state kernels when their value blocks were halved: a chain of
@@ -75,19 +80,20 @@ class KernelConfig:
 # Hopper: chosen with `bench_gdn2.py --sweep` on an H200 (benchmarks/RESULTS_kernels.md).
 CONFIGS = {
     9: KernelConfig(scores_bk=32, scores_warps=1, solve_warps=1, wy_fwd_bk=32, wy_fwd_bv=32,
-                    intra_bwd_bk=64, state_min_programs=96, state_narrow_stages=3),
+                    intra_bwd_bk=64, state_min_programs=96, state_wide_bv=128, state_wide_bwd_warps=8,
+                    state_narrow_stages=3),
 }
 
 
 # fp32 inputs run exact (ieee) products without tensor cores, whose operands take more shared
 # memory: the WY gradient kernel's 64-wide value tiles need 248 KB on the H200 (limit 227 KB), and
-# fp32 tiles are twice the size in the state kernels' pipeline stages
-FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_narrow_stages": 2, "inverse_precision": "ieee"}
+# fp32 tiles are twice the size in the state kernels' pipeline stages (and their wide blocks)
+FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_wide_bv": 0, "state_narrow_stages": 2, "inverse_precision": "ieee"}
 
 
 # keys wider than 128: the sequential state kernels hold [64, K] tiles of three operands; at K = 256
 # with 64-wide value blocks and two pipeline stages they need 319 KB of shared memory on the H200
-WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_stages": 1, "state_narrow_stages": 1}
+WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_wide_bv": 0, "state_stages": 1, "state_narrow_stages": 1}
 
 
 def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -203,11 +209,13 @@ def _launch(kernel, grid, *args, **kwargs):
 def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, grads, h0_grad):
     """Compiles, on parallel threads, every kernel that this forward (and its backward when `grads`)
     will launch, once per specialization: Triton would otherwise compile the nine kernels one
-    after the other at their first launches (12 s on the H200 with an empty cache,
-    RESULTS_kernels.md). Nothing runs on the GPU; the launches see empty tensors of the real shapes,
-    so every launch parameter that depends on the shape is the real one."""
-    key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg,
-           _state_launch(idx, q.shape[2]), initial_state is not None, output_final_state, grads, h0_grad)
+    after the other at their first launches (a first call with an empty cache took 12.1 s on the
+    H200 that way, 7.5 s with this: RESULTS_kernels.md runs 26 and 32). Nothing runs on the GPU;
+    the launches see empty tensors of the real shapes, so every launch parameter that depends on
+    the shape is the real one."""
+    H = q.shape[2]
+    key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg, _state_launch(idx, H),
+           _state_launch(idx, H, True), initial_state is not None, output_final_state, grads, h0_grad)
     if not q.is_cuda or key in _PRECOMPILED:
         return
     triton.runtime.driver.active.get_current_device()  # the driver's one-time set-up, on this thread
@@ -267,13 +275,16 @@ def _intra(q, k, v, g, b, w, scale, idx):
     return out
 
 
-def _state_launch(idx, heads):
-    """The state kernels' value block and pipeline stages."""
+def _state_launch(idx, heads, backward=False):
+    """The state kernels' value block, pipeline stages and warps."""
     cfg = idx.cfg
-    bv = min(idx.BV, cfg.state_bv)
+    bv = min(idx.BV, max(cfg.state_bv, cfg.state_wide_bv))
     while bv > 16 and idx.N * heads * (idx.BV // bv) < cfg.state_min_programs:
         bv //= 2
-    return bv, cfg.state_narrow_stages if bv < min(idx.BV, cfg.state_bv) else cfg.state_stages
+    if bv > cfg.state_bv:
+        return bv, cfg.state_stages, cfg.state_wide_bwd_warps if backward else cfg.state_warps
+    narrow = bv < min(idx.BV, cfg.state_bv)
+    return bv, cfg.state_narrow_stages if narrow else cfg.state_stages, cfg.state_warps
 
 
 def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
@@ -284,7 +295,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BV, stages = _state_launch(idx, H)
+    BV, stages, warps = _state_launch(idx, H)
     _launch(
         chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
@@ -293,7 +304,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
         HAS_H0=initial_state is not None, SAVE_STATES=save_states,
         STORE_HT=output_final_state,
-        num_warps=idx.cfg.state_warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return o, ht, states, intra
 
@@ -311,14 +322,14 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    BV, stages = _state_launch(idx, H)
+    BV, stages, warps = _state_launch(idx, H, backward=True)
     _launch(
         chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
         H=H, K=K, V=V, BK=idx.BK, BV=BV,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        num_warps=cfg.state_warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     r = q.new_empty(rows, V)
     dvp = q.new_empty(rows, V)

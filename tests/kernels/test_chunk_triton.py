@@ -89,7 +89,8 @@ def test_interpreter_fp16_without_initial_state():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "batch, length, heads, cu_seqlens",
-    [(2, 1000, 4, None), (1, 900, 3, [0, 1, 65, 300, 301, 900])],
+    # 6 x 16 sequence-heads: bf16 takes the wide value blocks of the state kernels on Hopper
+    [(2, 1000, 4, None), (1, 900, 3, [0, 1, 65, 300, 301, 900]), (6, 300, 16, None)],
 )
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
 def test_gpu_against_reference(batch, length, heads, cu_seqlens, dtype, tol):
@@ -176,15 +177,29 @@ def test_interpreter_narrow_state_blocks(monkeypatch):
 
     _with_config(monkeypatch, state_min_programs=1000, state_stages=2, state_narrow_stages=3)
     launches = []
-    original = chunk._state_launch
-
-    def recorded(idx, heads):
-        launches.append(original(idx, heads))
-        return launches[-1]
-
-    monkeypatch.setattr(chunk, "_state_launch", recorded)
+    monkeypatch.setattr(chunk, "_state_launch", _recorded(launches, chunk._state_launch))
     check_against_reference(1, 100, 1, 16, 32, torch.float32, "cpu", 1e-5)
-    assert launches and set(launches) == {(16, 3)}
+    assert launches and set(launches) == {(16, 3, 4)}
+
+
+def _recorded(launches, state_launch):
+    def recorded(idx, heads, backward=False):
+        launches.append(state_launch(idx, heads, backward))
+        return launches[-1]
+    return recorded
+
+
+def test_interpreter_wide_state_blocks(monkeypatch):
+    """Many sequences and heads: the state kernels take wide value blocks (here 16 -> 32) while
+    they still give state_min_programs programs, the backward with its own warp count."""
+    from gdn2_kernels.gdn2 import chunk
+
+    _with_config(monkeypatch, state_bv=16, state_wide_bv=32, state_min_programs=4, state_stages=1,
+                 state_wide_bwd_warps=2)
+    launches = []
+    monkeypatch.setattr(chunk, "_state_launch", _recorded(launches, chunk._state_launch))
+    check_against_reference(2, 70, 2, 16, 32, torch.float32, "cpu", 1e-5)
+    assert launches and set(launches) == {(32, 1, 4), (32, 1, 2)}
 
 
 def test_kernel_config_override_names_a_bad_field():
