@@ -56,7 +56,9 @@ class KernelConfig:
     state_min_programs: int = 0
     # wider value blocks (0: none) where they still give state_min_programs programs (many
     # sequences): half the programs, each over the same chunks, where state_bv's programs would
-    # need a second wave on the GPU; the backward's wide blocks run with their own warp count
+    # need a second wave on the GPU; the backward's wide blocks run with their own warp count. Not
+    # with an initial or final state (or their gradients): its fp32 tiles leave too little shared
+    # memory at 128 on the H200 (run 33)
     state_wide_bv: int = 0
     state_wide_bwd_warps: int = 4
     state_warps: int = 4
@@ -214,8 +216,11 @@ def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, 
     the launches see empty tensors of the real shapes, so every launch parameter that depends on
     the shape is the real one."""
     H = q.shape[2]
-    key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg, _state_launch(idx, H),
-           _state_launch(idx, H, True), initial_state is not None, output_final_state, grads, h0_grad)
+    # the state kernels' launches are the only ones that depend on the number of sequences
+    key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg,
+           _state_launch(idx, H, carried=initial_state is not None or output_final_state),
+           _state_launch(idx, H, backward=True, carried=output_final_state or h0_grad),
+           initial_state is not None, output_final_state, grads, h0_grad)
     if not q.is_cuda or key in _PRECOMPILED:
         return
     triton.runtime.driver.active.get_current_device()  # the driver's one-time set-up, on this thread
@@ -275,10 +280,11 @@ def _intra(q, k, v, g, b, w, scale, idx):
     return out
 
 
-def _state_launch(idx, heads, backward=False):
-    """The state kernels' value block, pipeline stages and warps."""
+def _state_launch(idx, heads, backward=False, carried=False):
+    """The state kernels' value block, pipeline stages and warps; `carried`: the pass reads or
+    writes an initial or final state (or its gradient)."""
     cfg = idx.cfg
-    bv = min(idx.BV, max(cfg.state_bv, cfg.state_wide_bv))
+    bv = min(idx.BV, cfg.state_bv if carried else max(cfg.state_bv, cfg.state_wide_bv))
     while bv > 16 and idx.N * heads * (idx.BV // bv) < cfg.state_min_programs:
         bv //= 2
     if bv > cfg.state_bv:
@@ -295,7 +301,7 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BV, stages, warps = _state_launch(idx, H)
+    BV, stages, warps = _state_launch(idx, H, carried=initial_state is not None or output_final_state)
     _launch(
         chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
@@ -322,7 +328,7 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    BV, stages, warps = _state_launch(idx, H, backward=True)
+    BV, stages, warps = _state_launch(idx, H, backward=True, carried=dht is not None or h0_grad)
     _launch(
         chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
         intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,

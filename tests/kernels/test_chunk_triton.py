@@ -12,17 +12,21 @@ from tests.kernels.gdn2_testing import make_inputs, rel_err
 
 
 def _run(fn, tensors, d_o, d_s, **kwargs):
-    """o, final state and the gradients of <o, d_o> + <S, d_s> w.r.t. every input."""
+    """o, final state and the gradients of <o, d_o> + <S, d_s> w.r.t. every input (no final state
+    when d_s is None)."""
     leaves = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
     o, s = fn(*(leaves[n] for n in ("q", "k", "v", "g", "b", "w")), kwargs["scale"],
-              leaves.get("initial_state"), True, kwargs["l2norm"], kwargs["cu_seqlens"])
-    loss = (o.double() * d_o).sum() + (s.double() * d_s).sum()
+              leaves.get("initial_state"), d_s is not None, kwargs["l2norm"], kwargs["cu_seqlens"])
+    loss = (o.double() * d_o).sum()
+    if d_s is not None:
+        loss = loss + (s.double() * d_s).sum()
+        s = s.detach()
     loss.backward()
-    return o.detach(), s.detach(), {n: leaves[n].grad for n in leaves}
+    return o.detach(), s, {n: leaves[n].grad for n in leaves}
 
 
 def check_against_reference(batch, length, heads, key_dim, value_dim, dtype, device, tol, g_min=-1.0,
-                            with_state=True, l2norm=False, cu_seqlens=None, seed=0):
+                            with_state=True, l2norm=False, cu_seqlens=None, seed=0, final_state=True):
     n_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
     base = make_inputs(batch, length, heads, key_dim, value_dim, dtype=torch.float64, g_min=g_min,
                        with_state=with_state, n_seq=n_seq, seed=seed, device=device)
@@ -34,11 +38,14 @@ def check_against_reference(batch, length, heads, key_dim, value_dim, dtype, dev
     gen = torch.Generator().manual_seed(seed + 1)
     d_o = torch.randn(batch, length, heads, value_dim, generator=gen, dtype=torch.float64).to(device)
     d_s = torch.randn(n_seq, heads, key_dim, value_dim, generator=gen, dtype=torch.float64).to(device)
+    d_s = d_s if final_state else None
 
     o_ref, s_ref, g_ref = _run(recurrent_gdn2, ref_in, d_o, d_s, **kwargs)
     o, s, grads = _run(chunk_gdn2_triton, test_in, d_o, d_s, **kwargs)
 
-    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
+    errors = {"o": rel_err(o, o_ref)}
+    if final_state:
+        errors["final_state"] = rel_err(s, s_ref)
     errors.update({f"d{n}": rel_err(grads[n], g_ref[n]) for n in grads})
     for name, err in errors.items():
         assert math.isfinite(err) and err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} ({errors})"
@@ -89,8 +96,7 @@ def test_interpreter_fp16_without_initial_state():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "batch, length, heads, cu_seqlens",
-    # 6 x 16 sequence-heads: bf16 takes the wide value blocks of the state kernels on Hopper
-    [(2, 1000, 4, None), (1, 900, 3, [0, 1, 65, 300, 301, 900]), (6, 300, 16, None)],
+    [(2, 1000, 4, None), (1, 900, 3, [0, 1, 65, 300, 301, 900])],
 )
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
 def test_gpu_against_reference(batch, length, heads, cu_seqlens, dtype, tol):
@@ -183,8 +189,8 @@ def test_interpreter_narrow_state_blocks(monkeypatch):
 
 
 def _recorded(launches, state_launch):
-    def recorded(idx, heads, backward=False):
-        launches.append(state_launch(idx, heads, backward))
+    def recorded(idx, heads, backward=False, carried=False):
+        launches.append(state_launch(idx, heads, backward, carried))
         return launches[-1]
     return recorded
 
@@ -198,8 +204,26 @@ def test_interpreter_wide_state_blocks(monkeypatch):
                  state_wide_bwd_warps=2)
     launches = []
     monkeypatch.setattr(chunk, "_state_launch", _recorded(launches, chunk._state_launch))
-    check_against_reference(2, 70, 2, 16, 32, torch.float32, "cpu", 1e-5)
+    check_against_reference(2, 70, 2, 16, 32, torch.float32, "cpu", 1e-5, with_state=False, final_state=False)
     assert launches and set(launches) == {(32, 1, 4), (32, 1, 2)}
+    # an initial and a final state keep state_bv
+    launches.clear()
+    check_against_reference(2, 70, 2, 16, 32, torch.float32, "cpu", 1e-5)
+    assert launches and {bv for bv, _, _ in launches} == {16}
+
+
+@pytest.mark.gpu
+def test_gpu_wide_state_blocks(monkeypatch):
+    """6 x 16 sequence-heads in bf16 without an initial or final state: on Hopper the state kernels
+    take 128-wide value blocks (with states they keep 64: test_gpu_against_reference)."""
+    from gdn2_kernels.gdn2 import chunk
+
+    launches = []
+    monkeypatch.setattr(chunk, "_state_launch", _recorded(launches, chunk._state_launch))
+    check_against_reference(6, 300, 16, 128, 128, torch.bfloat16, "cuda", 1e-2, g_min=-2.0, with_state=False,
+                            final_state=False)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert launches and {bv for bv, _, _ in launches} == {128}, launches
 
 
 def test_kernel_config_override_names_a_bad_field():
