@@ -98,19 +98,26 @@ FP32_OVERRIDES = {"wy_bwd_bv": 32, "state_wide_bv": 0, "state_narrow_stages": 2,
 WIDE_KEY_OVERRIDES = {"state_bv": 32, "state_wide_bv": 0, "state_stages": 1, "state_narrow_stages": 1}
 
 
-def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                  key_dim: int = 128) -> KernelConfig:
-    cfg = KernelConfig()
-    if device.type == "cuda":
-        cfg = CONFIGS.get(torch.cuda.get_device_capability(device)[0], cfg)
+def arch_config(arch, dtype: torch.dtype = torch.bfloat16, key_dim: int = 128) -> KernelConfig:
+    """The configuration for CUDA compute capability major `arch` (None: the CPU interpreter)."""
+    cfg = CONFIGS.get(arch, KernelConfig())
     if dtype == torch.float32:
         cfg = replace(cfg, **FP32_OVERRIDES)
     return replace(cfg, **WIDE_KEY_OVERRIDES) if key_dim > 128 else cfg
 
 
-def override_kernel_config(device: torch.device, spec: str) -> None:
-    """Replaces fields of `device`'s architecture config from "field=value,field=value" (launch
-    experiments: benchmarks' --sweep and --kernel-config)."""
+def _arch(device: torch.device):
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+
+
+def kernel_config(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                  key_dim: int = 128) -> KernelConfig:
+    return arch_config(_arch(device), dtype, key_dim)
+
+
+def override_arch_config(arch, spec: str) -> None:
+    """Replaces fields of architecture `arch`'s config from "field=value,field=value" (launch
+    experiments: benchmarks' --sweep and --kernel-config, kernel_resources.py)."""
     fields = KernelConfig.__dataclass_fields__
     overrides = {}
     for item in filter(None, spec.split(",")):
@@ -119,7 +126,11 @@ def override_kernel_config(device: torch.device, spec: str) -> None:
             raise ValueError(f"kernel config: no field {key!r}; fields: {', '.join(fields)}")
         field_type = type(fields[key].default)
         overrides[key] = value == "True" if field_type is bool else field_type(value)
-    CONFIGS[torch.cuda.get_device_capability(device)[0]] = replace(kernel_config(device), **overrides)
+    CONFIGS[arch] = replace(arch_config(arch), **overrides)
+
+
+def override_kernel_config(device: torch.device, spec: str) -> None:
+    override_arch_config(_arch(device), spec)
 
 
 @dataclass
@@ -193,28 +204,42 @@ def _check_layout(tensors):
             )
 
 
-# inside `precompile`: the pool that compiles the launches instead of running them, and its futures
-_COMPILING = contextvars.ContextVar("gdn2_compiling", default=None)
+# inside `launch_plan`: what receives each launch (kernel, grid, args, kwargs) instead of the GPU
+_LAUNCH_INSTEAD = contextvars.ContextVar("gdn2_launch_instead", default=None)
 # (device, dtypes, shapes' kernel-relevant parts, flags, config) already compiled by `precompile`
 _PRECOMPILED = set()
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    compiling = _COMPILING.get()
-    if compiling is None:
+    instead = _LAUNCH_INSTEAD.get()
+    if instead is None:
         kernel[grid](*args, **kwargs)
     else:
-        pool, futures = compiling
-        futures.append(pool.submit(kernel.warmup, *args, grid=grid, **kwargs))
+        instead(kernel, grid, args, kwargs)
+
+
+def launch_plan(receive, q, k, v, g, b, w, scale, initial_state, output_final_state, idx, grads, h0_grad):
+    """Runs the launch code of a forward (and of its backward when `grads`) with every kernel launch
+    handed to receive(kernel, grid, args, kwargs) instead: nothing runs, the tensors may be empty
+    (of the real shapes, so every launch parameter that depends on the shape is the real one)."""
+    token = _LAUNCH_INSTEAD.set(receive)
+    try:
+        o, ht, states, intra = chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                                              idx, save_states=grads)
+        if grads:
+            chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states,
+                           None if idx.cfg.recompute_intra else intra, torch.empty_like(o),
+                           torch.empty_like(ht) if output_final_state else None, h0_grad)
+    finally:
+        _LAUNCH_INSTEAD.reset(token)
 
 
 def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, grads, h0_grad):
     """Compiles, on parallel threads, every kernel that this forward (and its backward when `grads`)
     will launch, once per specialization: Triton would otherwise compile the nine kernels one
     after the other at their first launches (a first call with an empty cache took 12.1 s on the
-    H200 that way, 7.5 s with this: RESULTS_kernels.md runs 26 and 32). Nothing runs on the GPU;
-    the launches see empty tensors of the real shapes, so every launch parameter that depends on
-    the shape is the real one."""
+    H200 that way, 7.5 s with this: RESULTS_kernels.md runs 26 and 32). Nothing runs on the GPU
+    (`launch_plan`)."""
     H = q.shape[2]
     # the state kernels' launches are the only ones that depend on the number of sequences
     key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg,
@@ -226,16 +251,9 @@ def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, 
     triton.runtime.driver.active.get_current_device()  # the driver's one-time set-up, on this thread
     futures = []
     with ThreadPoolExecutor(max_workers=9) as pool:
-        token = _COMPILING.set((pool, futures))
-        try:
-            o, ht, states, intra = chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state,
-                                                  idx, save_states=grads)
-            if grads:
-                chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states,
-                               None if idx.cfg.recompute_intra else intra, torch.empty_like(o),
-                               torch.empty_like(ht) if output_final_state else None, h0_grad)
-        finally:
-            _COMPILING.reset(token)
+        launch_plan(lambda kernel, grid, args, kwargs: futures.append(
+                        pool.submit(kernel.warmup, *args, grid=grid, **kwargs)),
+                    q, k, v, g, b, w, scale, initial_state, output_final_state, idx, grads, h0_grad)
         for future in futures:
             future.result()
     _PRECOMPILED.add(key)
