@@ -136,21 +136,24 @@ def override_kernel_config(device: torch.device, spec: str) -> None:
 @dataclass
 class ChunkIndex:
     """How chunks map to sequences (device tensors, built without a host sync): token offsets
-    cu_seqlens [N+1], first chunk of each sequence chunk_offsets [N+1] and the sequence of every
-    chunk seq_of_chunk [n_chunks] (N for the padding entries of the packed grid bound). With
-    varlen False every sequence has `length` tokens and the per-chunk kernels derive their
-    coordinates from that."""
+    cu_seqlens [N+1], first chunk of each sequence chunk_offsets [N+1] and, for packed sequences,
+    the sequence of every chunk seq_of_chunk [n_chunks] (N for the padding entries of the packed
+    grid bound). Without it every sequence has `length` tokens and the per-chunk kernels derive
+    their coordinates from that."""
 
     cu_seqlens: torch.Tensor
     chunk_offsets: torch.Tensor
-    seq_of_chunk: torch.Tensor
+    seq_of_chunk: torch.Tensor | None
     N: int
     n_chunks: int
     BK: int
     BV: int
     cfg: KernelConfig
-    varlen: bool
     length: int
+
+    @property
+    def varlen(self) -> bool:
+        return self.seq_of_chunk is not None
 
     def coords(self):
         """The per-chunk kernels' coordinate arguments (cu_seqlens, chunk_offsets, seq_of_chunk, T)."""
@@ -166,7 +169,7 @@ class ChunkIndex:
             n_seq, n_chunks = batch, batch * nts
             cu = torch.arange(0, (batch + 1) * length, length, device=dev, dtype=torch.int32)
             chunk_offsets = torch.arange(0, (batch + 1) * nts, nts, device=dev, dtype=torch.int32)
-            seq_of_chunk = torch.arange(n_chunks, device=dev, dtype=torch.int32) // nts
+            seq_of_chunk = None
         else:
             n_seq = cu_seqlens.numel() - 1
             cu = cu_seqlens.to(torch.int32)
@@ -178,7 +181,7 @@ class ChunkIndex:
             seq_of_chunk = (torch.searchsorted(chunk_offsets, grid_ids, right=True) - 1).to(torch.int32)
         return cls(cu, chunk_offsets, seq_of_chunk, n_seq, n_chunks,
                    next_pow2(q.shape[-1]), next_pow2(v.shape[-1]),
-                   kernel_config(dev, q.dtype, q.shape[-1]), varlen=cu_seqlens is not None, length=length)
+                   kernel_config(dev, q.dtype, q.shape[-1]), length=length)
 
 
 def _scratch(size, align, stream):
