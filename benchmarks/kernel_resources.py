@@ -37,6 +37,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = "bf16:128:128,bf16:128:256,bf16:256:256,bf16:64:64,fp32:128:128"
 MORE_CASES = "fp32:128:256,fp32:256:256,fp32:64:64,bf16:256:64,bf16:64:256,bf16:32:32,fp16:128:128"
 HEADS = (1, 16, 128)   # one sequence: narrow, normal and wide state blocks on Hopper
+CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                                      "bin", "cuobjdump")
 
 
 def launches(arch, dtype, key, value, heads, states):
@@ -69,19 +71,16 @@ def source(kernel, args, kwargs):
     return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
-def compile_launch(arch, kernel, args, kwargs):
-    """{"shared", "registers", "spill"} of one launch compiled for `arch` (registers and spill only
-    where cuobjdump is found)."""
-    src, options = source(kernel, args, kwargs)
+def compile_launch(arch, src, options):
+    """{"shared", "registers", "spill"} of one launch (`source`) compiled for `arch` (registers and
+    spill only where cuobjdump is found)."""
     compiled = triton.compile(src, target=GPUTarget("cuda", arch * 10, 32), options=options)
     result = {"shared": compiled.metadata.shared, "registers": None, "spill": None}
-    cuobjdump = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__),
-                                                          "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
+    if os.path.exists(CUOBJDUMP):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True).stdout
         found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
         result.update(registers=int(found.get("REG", 0)), spill=int(found.get("STACK", 0)))
@@ -109,11 +108,11 @@ def resources(arch, cases, heads=HEADS):
                 for kernel, _, args, kwargs in launches(arch, dtype, key, value, n_heads, states):
                     src, options = source(kernel, args, kwargs)
                     spec = (kernel.fn.__name__, src.hash(), tuple(sorted(options.items())))
-                    distinct.setdefault(spec, (label, kernel, args, kwargs, options))
+                    distinct.setdefault(spec, (label, kernel.fn.__name__, src, options))
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        results = pool.map(lambda item: compile_launch(arch, *item[1:4]), distinct.values())
-        return [(label, kernel.fn.__name__, options, result)
-                for (label, kernel, _, _, options), result in zip(distinct.values(), results)]
+        results = pool.map(lambda item: compile_launch(arch, *item[2:]), distinct.values())
+        return [(label, name, options, result)
+                for (label, name, _, options), result in zip(distinct.values(), results)]
 
 
 def main():
