@@ -2,9 +2,9 @@
 
 One step: zero the DDP grad buffers, run Megatron's forward-backward schedule over the global
 batch's micro-batches (gradients reduced over data-parallel ranks in ``finalize_model_grads``),
-reduce the loss, check the loss and every gradient for NaN/Inf on all ranks, then (if finite)
-clip to ``--clip-grad`` and step AdamW, and advance the learning-rate schedule by the step's
-tokens.
+reduce the loss, check the loss and the gradients' global norm for NaN/Inf on all ranks, then (if
+finite) step AdamW with the gradients divided by the loss tokens and clipped to ``--clip-grad``
+(``optimizer_step``), and advance the learning-rate schedule by the step's tokens.
 
 Non-finite loss or gradient: the step is skipped (no update, schedule not advanced; the batch
 counts as consumed) and a line is logged. ``--max-nonfinite-steps`` K skipped steps in a row stop
@@ -38,6 +38,7 @@ from megatron_gdn2.training.evaluation import evaluate, perplexity
 from megatron_gdn2.training.forward_step import forward_step, reduce_loss
 from megatron_gdn2.training.metrics import ProgressMeter
 from megatron_gdn2.training.model_setup import ModelBundle
+from megatron_gdn2.training.optimizer_step import optimizer_step
 from megatron_gdn2.training.profiling import StepProfiler
 from megatron_gdn2.training.signals import PreemptionHandler
 from megatron_gdn2.training.wandb_logger import WandbLogger
@@ -56,17 +57,6 @@ class RunResult:
     train_losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss (NaN if skipped)
     valid_losses: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss
     checkpoint: str | None = None
-
-
-def _grads_finite(model) -> bool:
-    """Collective: no NaN/Inf in any gradient on any rank. One min/max reduction per DDP gradient
-    buffer (NaN propagates through both): isfinite per parameter made three small kernels for each
-    of ~200 parameters, ~8 ms of a 370 ms H200 step (benchmarks/RESULTS.md)."""
-    extremes = torch.stack([torch.stack(torch.aminmax(buffer.grad_data.view(-1)))
-                            for buffer in model.buffers + model.expert_parallel_buffers])
-    flag = (~torch.isfinite(extremes).all()).float().view(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
 
 
 @dataclass
@@ -106,10 +96,11 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size, forward_only=False,
         )
         loss = reduce_loss(reports, self.device)
-        if not (math.isfinite(loss) and _grads_finite(model)):
+        grad_factor = self.bundle.token_scaling.take()
+        if not math.isfinite(loss):
             return loss, None, False
-        updated, grad_norm, _ = self.optimizer.step()
-        return loss, grad_norm, bool(updated)
+        updated, grad_norm = optimizer_step(self.optimizer, grad_factor, self.cfg.optim.clip_grad)
+        return loss, grad_norm, updated
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

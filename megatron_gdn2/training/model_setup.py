@@ -11,17 +11,14 @@ import dataclasses
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_gdn2.configs import ModelConfig, get_model_config
 from megatron_gdn2.layers import wgrad_accumulation
 from megatron_gdn2.models import GDN2TransformerConfig, build_model, make_transformer_config
 from megatron_gdn2.training.config import ConfigError, PretrainConfig
+from megatron_gdn2.training.optimizer_step import DeferredTokenScaling
 
 __all__ = ["ModelBundle", "build_model_bundle", "padded_vocab_size", "resolve_model_config"]
 
@@ -94,6 +91,7 @@ class ModelBundle:
     model: DistributedDataParallel  # what the schedules run
     module: torch.nn.Module  # the GPTModel inside (state dicts, generation)
     config: GDN2TransformerConfig
+    token_scaling: DeferredTokenScaling  # the gradients' pending 1/tokens, for optimizer_step
 
 
 def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: bool) -> ModelBundle:
@@ -124,10 +122,10 @@ def build_model_bundle(cfg: PretrainConfig, model_cfg: ModelConfig, *, bf16: boo
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
     model = DistributedDataParallel(tc, ddp_config, wrapped)
-    tc.finalize_model_grads_func = finalize_model_grads
+    token_scaling = tc.finalize_model_grads_func = DeferredTokenScaling()
     tc.no_sync_func = model.no_sync
     if p.overlap_grad_reduce and p.pipeline_model_parallel_size > 1:
         # With pipelining, the schedule starts the reduction after the last micro-batch's
         # backward of each stage, so stages reduce together instead of waiting on each other.
         tc.grad_sync_func = model.start_grad_sync
-    return ModelBundle(model=model, module=module, config=tc)
+    return ModelBundle(model=model, module=module, config=tc, token_scaling=token_scaling)

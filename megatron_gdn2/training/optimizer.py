@@ -53,7 +53,7 @@ def build_optimizer(cfg: PretrainConfig, model_chunks: list, *, bf16: bool):
                                        config_overrides={no_decay: {"wd_mult": 0.0}})
     fuse_adamw(optimizer)
     if torch.cuda.is_available():
-        _use_foreach_clipping()
+        _use_foreach_norm()
     return optimizer
 
 
@@ -67,29 +67,16 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
 
-def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
-    """tensor_lists[1] = tensor_lists[0] * scale with amp_C.multi_tensor_scale's calling convention,
-    in place (one pass) when the two lists are the same tensors, as gradient clipping passes them."""
-    src, dst = tensor_lists
-    if all(s is d for s, d in zip(src, dst)):
-        torch._foreach_mul_(dst, scale)
-    else:
-        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
-
-
-def _use_foreach_clipping() -> None:
-    """Without Transformer Engine or apex, Megatron's gradient clipping falls back to a norm that
-    reads every gradient's norm to the host one by one (~200 GPU syncs per step for a 1.3B model)
-    and to a scaling that runs a product and a copy per gradient (~400 launches, ~6 ms of a 340 ms
-    H200 step; benchmarks/RESULTS.md); give it the foreach versions instead. Each is swapped only
-    when Megatron picked its local fallback (module attributes set at import)."""
+def _use_foreach_norm() -> None:
+    """Without Transformer Engine or apex, Megatron's gradient norm falls back to one that reads
+    every gradient's norm to the host one by one (~200 GPU syncs per step for a 1.3B model;
+    benchmarks/RESULTS.md); give it the foreach version instead, only when Megatron picked its
+    local fallback (a module attribute set at import)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = foreach_l2_norm
-    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
-        clip_grads.multi_tensor_scale_impl = foreach_scale
 
 
 def fuse_adamw(optimizer, device_types=("cuda",)) -> None:

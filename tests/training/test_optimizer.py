@@ -1,5 +1,6 @@
 """fuse_adamw: the fused AdamW kernel gives the default AdamW's update, also after a checkpoint
 load left the step counters as Python numbers."""
+import pytest
 import torch
 
 from megatron_gdn2.training.optimizer import fuse_adamw
@@ -53,17 +54,81 @@ def test_foreach_l2_norm_is_the_global_norm():
     torch.testing.assert_close(norm[0], expected)
 
 
-def test_foreach_scale_matches_megatrons_local_scale():
-    from megatron.core.utils import local_multi_tensor_scale
+def _megatron_step_and_ours(cfg_dict: dict, cases: list[tuple[bool, float]]) -> dict:
+    """For each (fused AdamW, clip): one step of the same model on the same batches through
+    Megatron's path (finalize_model_grads scales the gradients, optimizer.step() clips) and through
+    ours (DeferredTokenScaling + optimizer_step)."""
+    from functools import partial
 
-    from megatron_gdn2.training.optimizer import foreach_scale
+    import torch.distributed as dist
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for same in (True, False):
-        src = [t.detach().clone() for t in _params(3)]
-        dst = src if same else [torch.zeros_like(t) for t in src]
-        expected_src = [t.clone() for t in src]
-        expected_dst = [t.clone() for t in dst]
-        local_multi_tensor_scale(2048, None, [expected_src, expected_src if same else expected_dst], 0.3)
-        foreach_scale(2048, None, [src, dst], 0.3)
-        for got, want in zip(dst, expected_src if same else expected_dst):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    from megatron_gdn2.training.config import PretrainConfig
+    from megatron_gdn2.training.distributed import set_seeds
+    from megatron_gdn2.training.forward_step import forward_step
+    from megatron_gdn2.training.model_setup import build_model_bundle, resolve_model_config
+    from megatron_gdn2.training.optimizer import build_optimizer
+    from megatron_gdn2.training.optimizer_step import optimizer_step
+
+    cfg = PretrainConfig.from_dict(cfg_dict)
+    model_cfg = resolve_model_config(cfg, 1000)
+    gen = torch.Generator().manual_seed(dist.get_rank())  # other tokens and masks on each rank
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(0, 1000, (cfg.micro_batch_size, cfg.seq_length + 1), generator=gen)
+        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                        "loss_mask": (torch.rand(tokens[:, 1:].shape, generator=gen) > 0.3).float(),
+                        "position_ids": torch.arange(cfg.seq_length).expand(cfg.micro_batch_size, -1)})
+    out = {}
+    for fused, clip in cases:
+        cfg.optim.clip_grad = clip
+        runs = {}
+        for ours in (False, True):
+            set_seeds(cfg.seed)
+            bundle = build_model_bundle(cfg, model_cfg, bf16=False)
+            optimizer = build_optimizer(cfg, [bundle.model], bf16=False)
+            if fused:
+                fuse_adamw(optimizer, device_types=("cpu",))
+            if not ours:
+                bundle.config.finalize_model_grads_func = finalize_model_grads
+            before = {n: p.detach().clone() for n, p in bundle.module.named_parameters()}
+            bundle.model.zero_grad_buffer()
+            optimizer.zero_grad()
+            get_forward_backward_func()(
+                forward_step_func=partial(forward_step, device=torch.device("cpu")),
+                data_iterator=iter(batches), model=[bundle.model], num_microbatches=len(batches),
+                seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size, forward_only=False)
+            if ours:
+                updated, norm = optimizer_step(optimizer, bundle.token_scaling.take(), clip)
+            else:
+                updated, norm, _ = optimizer.step()
+            after = {n: p.detach().clone() for n, p in bundle.module.named_parameters()}
+            runs[ours] = (updated, norm, before, after)
+        (ref_updated, ref_norm, before, ref), (updated, norm, _, got) = runs[False], runs[True]
+        # plain numbers: tensors do not survive the trip back from the rank processes
+        out[(fused, clip)] = {
+            "updated": (ref_updated, updated), "norm": (ref_norm, norm),
+            "max_diff": max((got[n] - ref[n]).abs().max().item() for n in ref),
+            "moved": max((ref[n] - before[n]).abs().max().item() for n in ref)}
+    return out
+
+
+def test_optimizer_step_is_megatrons_step(corpus, tmp_path):
+    """Two data-parallel ranks with the distributed optimizer, fused (grad_scale) and unfused
+    (one multiply) AdamW, clipping active (clip far below the norm) and not: the same norm and the
+    same parameters as Megatron's own scaling, clipping and step."""
+    from tests.harness import run_distributed
+    from tests.training.common import make_config
+
+    cfg = make_config(corpus, None, iters=1, global_batch_size=8, parallel__use_distributed_optimizer=True)
+    cases = [(True, 1e-3), (True, 1e6), (False, 1e-3)]
+    for out in run_distributed(_megatron_step_and_ours, world_size=2, args=(cfg.to_dict(), cases)):
+        for fused, clip in cases:
+            case = out[(fused, clip)]
+            assert case["updated"] == (True, True)
+            ref_norm, norm = case["norm"]
+            assert norm == pytest.approx(ref_norm, rel=1e-6)
+            assert (ref_norm > clip) == (clip < 1), "the clip cases are not what they claim"
+            assert case["moved"] > 1e-4, "the step did not change the parameters"
+            assert case["max_diff"] < 1e-6, (fused, clip, case)  # a few float32 ulps of O(1) weights
