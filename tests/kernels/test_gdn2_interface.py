@@ -126,8 +126,11 @@ def test_fla_backend_matches_reference():
     kwargs = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
     o, s = gk.chunk_gdn2(**tensors, **kwargs, backend="fla")
     o_ref, s_ref = gk.naive_recurrent_gdn2(**tensors, **kwargs)
-    assert (o - o_ref).abs().max() / o_ref.abs().max() < 1e-3
-    assert (s - s_ref).abs().max() / s_ref.abs().max() < 1e-3
+    errors = [((x - ref).abs().max() / ref.abs().max()).item() for x, ref in ((o, o_ref), (s, s_ref))]
+    print(f"fla backend, fp32, relative error of o and the final state: {errors}")
+    # fla takes its fp32 products in tf32 (o was 1.1e-3 off in run 37, benchmarks/RESULTS_gpu_tests.md);
+    # an argument passed wrongly (gates, scale, norms, offsets, state layout) errs at O(1)
+    assert max(errors) < 5e-3
 
 
 def test_check_values_false_skips_only_content_checks():
