@@ -42,14 +42,11 @@ CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__f
 
 
 def launches(arch, dtype, key, value, heads, states):
-    """[(kernel, grid, args, kwargs)] of one forward and backward with `arch`'s configuration (one
-    sequence, long enough to be cut into segments where the configuration does that)."""
-    cfg = chunk.arch_config(arch, dtype, key)
-    length = 64 * max(1, 2 * cfg.state_segment_chunks)
-    q, k, b = (torch.empty(1, length, heads, key, dtype=dtype) for _ in range(3))
-    g = torch.empty(1, length, heads, key, dtype=torch.float32)
-    v, w = (torch.empty(1, length, heads, value, dtype=dtype) for _ in range(2))
-    idx = dataclasses.replace(chunk.ChunkIndex.build(q, v, None), cfg=cfg)
+    """[(kernel, grid, args, kwargs)] of one forward and backward with `arch`'s configuration."""
+    q, k, b = (torch.empty(1, 64, heads, key, dtype=dtype) for _ in range(3))
+    g = torch.empty(1, 64, heads, key, dtype=torch.float32)
+    v, w = (torch.empty(1, 64, heads, value, dtype=dtype) for _ in range(2))
+    idx = dataclasses.replace(chunk.ChunkIndex.build(q, v, None), cfg=chunk.arch_config(arch, dtype, key))
     h0 = torch.empty(1, heads, key, value) if states else None
     plan = []
     chunk.launch_plan(lambda *launch: plan.append(launch), q, k, v, g, b, w, key ** -0.5, h0, states, idx,
@@ -62,7 +59,7 @@ def source(kernel, args, kwargs):
     values = dict(zip(kernel.arg_names, args), **{n: x for n, x in kwargs.items() if n in kernel.arg_names})
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
-        x = values[param.name] if param.name in values else param.default  # a constexpr's default
+        x = values[param.name]
         if param.is_constexpr or x is None:
             signature[param.name], constexprs[param.name] = "constexpr", x
         elif isinstance(x, torch.Tensor):

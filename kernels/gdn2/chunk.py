@@ -13,7 +13,6 @@ Packed sequences are addressed through device tensors built from cu_seqlens (no 
 length is a runtime argument, so new lengths never recompile.
 """
 import contextvars
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -67,10 +66,6 @@ class KernelConfig:
     # pipeline stages of the state kernels when their value blocks were halved: a chain of
     # latency-bound steps, whose smaller tiles leave shared memory for one more stage of loads
     state_narrow_stages: int = 2
-    # equal-length sequences too few to fill state_min_programs with state_bv blocks are cut into
-    # segments of this many chunks whose state passes run in parallel, joined through each
-    # segment's transition (`_segmented_state_fwd`); 0: never
-    state_segment_chunks: int = 0
     wy_bwd_bv: int = 64
     wy_bwd_warps: int = 4
     state_grads_bk: int = 64
@@ -88,7 +83,7 @@ class KernelConfig:
 CONFIGS = {
     9: KernelConfig(scores_bk=32, scores_warps=1, solve_warps=1, wy_fwd_bk=32, wy_fwd_bv=32,
                     intra_bwd_bk=64, state_min_programs=96, state_wide_bv=128, state_wide_bwd_warps=8,
-                    state_narrow_stages=3, state_segment_chunks=64),
+                    state_narrow_stages=3),
 }
 
 
@@ -252,7 +247,7 @@ def precompile(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, 
     # the state kernels' launches are the only ones that depend on the number of sequences
     key = (q.device, q.dtype, g.dtype, q.shape[-1], v.shape[-1], idx.varlen, idx.cfg,
            _state_launch(idx, H, carried=initial_state is not None or output_final_state),
-           _state_launch(idx, H, backward=True, carried=output_final_state or h0_grad), _segments(idx, H),
+           _state_launch(idx, H, backward=True, carried=output_final_state or h0_grad),
            initial_state is not None, output_final_state, grads, h0_grad)
     if not q.is_cuda or key in _PRECOMPILED:
         return
@@ -306,33 +301,6 @@ def _intra(q, k, v, g, b, w, scale, idx):
     return out
 
 
-def _segments(idx, heads) -> int:
-    """How many segments each sequence's state passes are cut into (1: none); see
-    KernelConfig.state_segment_chunks."""
-    cfg = idx.cfg
-    if (not cfg.state_segment_chunks or idx.varlen
-            or idx.N * heads * triton.cdiv(idx.BV, cfg.state_bv) >= cfg.state_min_programs):
-        return 1
-    return triton.cdiv(triton.cdiv(idx.length, CHUNK), cfg.state_segment_chunks)
-
-
-@functools.lru_cache(maxsize=64)
-def _segment_offsets(batch, length, seg_chunks, device):
-    """cu_seqlens and chunk_offsets of the segments of `batch` sequences of `length` tokens."""
-    nts = triton.cdiv(length, CHUNK)
-    n = triton.cdiv(nts, seg_chunks)
-    starts = torch.arange(n) * seg_chunks
-    chunks = (torch.arange(batch)[:, None] * nts + starts).flatten()
-    tokens = (torch.arange(batch)[:, None] * length + starts * CHUNK).flatten()
-    return (torch.cat([tokens, torch.tensor([batch * length])]).to(device, torch.int32),
-            torch.cat([chunks, torch.tensor([batch * nts])]).to(device, torch.int32))
-
-
-def _segment_index(idx, n):
-    cu, offsets = _segment_offsets(idx.N, idx.length, idx.cfg.state_segment_chunks, idx.cu_seqlens.device)
-    return replace(idx, cu_seqlens=cu, chunk_offsets=offsets, N=idx.N * n)
-
-
 def _state_launch(idx, heads, backward=False, carried=False):
     """The state kernels' value block, pipeline stages and warps; `carried`: the pass reads or
     writes an initial or final state (or its gradient)."""
@@ -346,47 +314,6 @@ def _state_launch(idx, heads, backward=False, carried=False):
     return bv, cfg.state_narrow_stages if narrow else cfg.state_stages, cfg.state_warps
 
 
-def _state_fwd(intra, idx, H, K, V, h0, o, states, ht, carried, trans=None):
-    """One launch of the forward state kernel over idx's sequences; with `trans` its SUMMARY mode
-    (no output; ht gets the leaving states from zero, trans the transitions)."""
-    BV, stages, warps = _state_launch(idx, H, carried=carried)
-    blocks = triton.cdiv(V, BV) + (0 if trans is None else triton.cdiv(K, BV))
-    _launch(
-        chunk_state_fwd_kernel, (blocks, idx.N, H),
-        intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"], h0, o, states, ht,
-        trans, idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
-        H=H, K=K, V=V, BK=idx.BK, BV=BV, HAS_H0=h0 is not None, SAVE_STATES=states is not None,
-        STORE_HT=ht is not None, SUMMARY=trans is not None, num_warps=warps, num_stages=stages,
-    )
-
-
-def _segment_summaries(intra, seg, H, K, V):
-    """Each segment's leaving state from a zero entering state Z [segments, H, K, V] and its
-    transition M [segments, H, K, K] (entering -> leaving state, U aside), fp32, in one launch."""
-    z = intra["kt"].new_empty(seg.N, H, K, V, dtype=torch.float32)
-    m = intra["kt"].new_empty(seg.N, H, K, K, dtype=torch.float32)
-    _state_fwd(intra, seg, H, K, V, None, None, None, z, True, trans=m)
-    return z, m
-
-
-def _segmented_state_fwd(intra, idx, n, H, K, V, h0, o, states, ht):
-    """The state pass with each sequence cut into n segments: each segment's summary (Z, M) in
-    parallel, the entering states in n - 1 small products (S_j+1 = M_j S_j + Z_j, fp32), then a
-    parallel pass that starts each segment there and writes the output. The transitions stay in
-    `intra` for the backward."""
-    seg = _segment_index(idx, n)
-    z, intra["m"] = _segment_summaries(intra, seg, H, K, V)
-    m, z = (x.view(idx.N, n, H, K, -1) for x in (intra["m"], z))
-    starts = torch.empty_like(z)
-    starts[:, 0] = 0 if h0 is None else h0
-    for j in range(n - 1):
-        starts[:, j + 1] = torch.matmul(m[:, j], starts[:, j]) + z[:, j]
-    leaving = torch.empty_like(z) if ht is not None else None
-    _state_fwd(intra, seg, H, K, V, starts.flatten(0, 1), o, states, leaving, True)
-    if ht is not None:
-        ht.copy_(leaving[:, -1])
-
-
 def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, idx, save_states):
     """Returns o, the final state (or None), the per-chunk entering states (or None) and the
     per-chunk tensors; q and k are already normalised when the caller asked for it."""
@@ -395,45 +322,18 @@ def chunk_gdn2_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, i
     o = torch.empty_like(v)
     states = q.new_empty(idx.n_chunks * H * idx.BK, V) if save_states else None
     ht = q.new_empty(idx.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    n = _segments(idx, H)
-    if n > 1:
-        _segmented_state_fwd(intra, idx, n, H, K, V, initial_state, o, states, ht)
-    else:
-        _state_fwd(intra, idx, H, K, V, initial_state, o, states, ht,
-                   carried=initial_state is not None or output_final_state)
-    return o, ht, states, intra
-
-
-def _state_bwd(intra, idx, H, K, V, do, dht, dh0, dstates, dr, carried, **flags):
-    """One launch of the backward state kernel over idx's sequences."""
-    BV, stages, warps = _state_launch(idx, H, backward=True, carried=carried)
+    BV, stages, warps = _state_launch(idx, H, carried=initial_state is not None or output_final_state)
     _launch(
-        chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
-        intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
+        chunk_state_fwd_kernel, (triton.cdiv(V, BV), idx.N, H),
+        intra["qg"], intra["kt"], intra["y"], intra["u"], intra["aqk"], intra["gc"],
+        initial_state, o, states, ht,
         idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
-        H=H, K=K, V=V, BK=idx.BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        num_warps=warps, num_stages=stages, **flags,
+        H=H, K=K, V=V, BK=idx.BK, BV=BV,
+        HAS_H0=initial_state is not None, SAVE_STATES=save_states,
+        STORE_HT=output_final_state,
+        num_warps=warps, num_stages=stages,
     )
-
-
-def _segmented_state_bwd(intra, idx, n, H, K, V, do, dht, dh0, dstates, dr):
-    """The state-gradient pass with each sequence cut into n segments, as in the forward: each
-    segment's zero-start entering-state gradient Z from a parallel pass without stores, the
-    leaving-state gradients from the transposed transitions (dS_j = M_j+1^T dS_j+1 + Z_j+1), then a
-    parallel pass from those."""
-    seg = _segment_index(idx, n)
-    m = intra["m"] if "m" in intra else _segment_summaries(intra, seg, H, K, V)[1]
-    z = intra["kt"].new_empty(seg.N, H, K, V, dtype=torch.float32)
-    _state_bwd(intra, seg, H, K, V, do, None, z, None, None, True, STORE_GRADS=False)
-    m, z = m.view(idx.N, n, H, K, K), z.view(idx.N, n, H, K, V)
-    leaving = torch.empty_like(z)
-    leaving[:, -1] = 0 if dht is None else dht
-    for j in range(n - 1, 0, -1):
-        leaving[:, j - 1] = torch.matmul(m[:, j].transpose(-1, -2), leaving[:, j]) + z[:, j]
-    entering = torch.empty_like(z) if dh0 is not None else None
-    _state_bwd(intra, seg, H, K, V, do, leaving.flatten(0, 1), entering, dstates, dr, True)
-    if dh0 is not None:
-        dh0.copy_(entering[:, 0])
+    return o, ht, states, intra
 
 
 def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, do, dht, h0_grad):
@@ -449,11 +349,15 @@ def chunk_gdn2_bwd(q, k, v, g, b, w, scale, initial_state, idx, states, intra, d
     dstates = q.new_empty(idx.n_chunks * H * idx.BK, V)
     dr = q.new_empty(rows, V)
     dh0 = torch.empty_like(initial_state) if h0_grad else None
-    n = _segments(idx, H)
-    if n > 1:
-        _segmented_state_bwd(intra, idx, n, H, K, V, do, dht, dh0, dstates, dr)
-    else:
-        _state_bwd(intra, idx, H, K, V, do, dht, dh0, dstates, dr, carried=dht is not None or h0_grad)
+    BV, stages, warps = _state_launch(idx, H, backward=True, carried=dht is not None or h0_grad)
+    _launch(
+        chunk_state_bwd_kernel, (triton.cdiv(V, BV), idx.N, H),
+        intra["qg"], intra["kt"], intra["y"], intra["aqk"], intra["gc"], do, dht, dh0, dstates, dr,
+        idx.cu_seqlens, idx.chunk_offsets, idx.n_chunks,
+        H=H, K=K, V=V, BK=idx.BK, BV=BV,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        num_warps=warps, num_stages=stages,
+    )
     r = q.new_empty(rows, V)
     dvp = q.new_empty(rows, V)
     daqk = q.new_empty(rows, CHUNK, dtype=f32)

@@ -5,14 +5,6 @@ Forward, per chunk with entering state S (fp32 [K, BV]):
     R = U - Y S;   O = Qg S + Aqk R;   S <- exp(G_C) * S + Ktail^T R
 Backward, per chunk (in reverse) with dS the gradient of the chunk's leaving state:
     dR = Aqk^T dO + Ktail dS;   dS <- exp(G_C) * dS + Qg^T dO - Y^T dR
-
-Both are affine in the carried state, S <- M_c S + Ktail^T U with M_c = exp(G_C) - Ktail^T Y, and
-the backward's map is the transpose. That lets a few long sequences be cut into segments that run
-in parallel (chunk.py, `_segmented_state_fwd`). The forward kernel's SUMMARY mode gives, in one
-launch, each segment's leaving state from zero (programs over the value blocks) and its
-transition, the product of its M_c (programs over key blocks: the same pass from the identity
-without U); the backward kernel without its stores (STORE_GRADS False) gives each segment's
-entering-state gradient from zero.
 """
 import triton
 import triton.language as tl
@@ -22,12 +14,11 @@ from .chunk_common import mm, seq_chunks
 
 @triton.jit(do_not_specialize=["NT"])
 def chunk_state_fwd_kernel(
-    qg, kt, y, u, aqk, gc, h0, o, states, ht, trans,
+    qg, kt, y, u, aqk, gc, h0, o, states, ht,
     cu_seqlens, chunk_offsets,
     NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, STORE_HT: tl.constexpr,
-    SUMMARY: tl.constexpr = False,
 ):
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -35,20 +26,12 @@ def chunk_state_fwd_kernel(
     DT: tl.constexpr = qg.dtype.element_ty
     bos, eos, c0, c1 = seq_chunks(i_n, cu_seqlens, chunk_offsets)
     R = NT * H * 64
+    qg_d = tl.make_tensor_descriptor(qg, [R, K], [K, 1], [64, BK])
     kt_d = tl.make_tensor_descriptor(kt, [R, K], [K, 1], [64, BK])
     y_d = tl.make_tensor_descriptor(y, [R, K], [K, 1], [64, BK])
     u_d = tl.make_tensor_descriptor(u, [R, V], [V, 1], [64, BV])
-    # SUMMARY: programs past the value blocks compute the transition's key-block columns
-    if SUMMARY:
-        is_trans = i_v >= tl.cdiv(V, BV)
-        col = tl.where(is_trans, i_v - tl.cdiv(V, BV), i_v) * BV
-    else:
-        is_trans = False
-        col = i_v * BV
-    if not SUMMARY:
-        qg_d = tl.make_tensor_descriptor(qg, [R, K], [K, 1], [64, BK])
-        aqk_d = tl.make_tensor_descriptor(aqk, [R, 64], [64, 1], [64, 64])
-        o_d = tl.make_tensor_descriptor(o + (bos * H + i_h) * V, [eos - bos, V], [H * V, 1], [64, BV])
+    aqk_d = tl.make_tensor_descriptor(aqk, [R, 64], [64, 1], [64, 64])
+    o_d = tl.make_tensor_descriptor(o + (bos * H + i_h) * V, [eos - bos, V], [H * V, 1], [64, BV])
     if SAVE_STATES:
         s_d = tl.make_tensor_descriptor(states, [NT * H * BK, V], [V, 1], [BK, BV])
     r = tl.arange(0, 64)
@@ -57,9 +40,6 @@ def chunk_state_fwd_kernel(
     if HAS_H0:
         h0_d = tl.make_tensor_descriptor(h0 + (i_n * H + i_h) * K * V, [K, V], [V, 1], [BK, BV])
         S = h0_d.load([0, i_v * BV]).to(tl.float32)
-    elif SUMMARY:
-        eye = tl.arange(0, BK)[:, None] == col + tl.arange(0, BV)[None, :]
-        S = (eye & is_trans).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(c0, c1):
@@ -67,22 +47,16 @@ def chunk_state_fwd_kernel(
         Sb = S.to(DT)
         if SAVE_STATES:
             s_d.store([(c * H + i_h) * BK, i_v * BV], Sb)
-        Rc = -mm(y_d.load([base, 0]), Sb, DT)
-        if not is_trans:
-            Rc += u_d.load([base, col]).to(tl.float32)
+        Rc = u_d.load([base, i_v * BV]).to(tl.float32) - mm(y_d.load([base, 0]), Sb, DT)
         Rb = Rc.to(DT)
-        if not SUMMARY:
-            a = tl.where(causal, aqk_d.load([base, 0]), 0.0)
-            out = mm(qg_d.load([base, 0]), Sb, DT) + mm(a, Rb, DT)
-            o_d.store([(c - c0) * 64, i_v * BV], out.to(o_d.dtype))
+        a = tl.where(causal, aqk_d.load([base, 0]), 0.0)
+        out = mm(qg_d.load([base, 0]), Sb, DT) + mm(a, Rb, DT)
+        o_d.store([(c - c0) * 64, i_v * BV], out.to(o_d.dtype))
         decay = tl.exp(tl.load(gc + (c * H + i_h) * BK + tl.arange(0, BK)))
         S = S * decay[:, None] + mm(tl.trans(kt_d.load([base, 0])), Rb, DT)
-    if SUMMARY and is_trans:
-        trans_d = tl.make_tensor_descriptor(trans + (i_n * H + i_h) * K * K, [K, K], [K, 1], [BK, BV])
-        trans_d.store([0, col], S)
-    elif STORE_HT:
+    if STORE_HT:
         ht_d = tl.make_tensor_descriptor(ht + (i_n * H + i_h) * K * V, [K, V], [V, 1], [BK, BV])
-        ht_d.store([0, col], S)
+        ht_d.store([0, i_v * BV], S)
 
 
 @triton.jit(do_not_specialize=["NT"])
@@ -91,7 +65,7 @@ def chunk_state_bwd_kernel(
     cu_seqlens, chunk_offsets,
     NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_GRADS: tl.constexpr = True,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -103,9 +77,8 @@ def chunk_state_bwd_kernel(
     kt_d = tl.make_tensor_descriptor(kt, [R, K], [K, 1], [64, BK])
     y_d = tl.make_tensor_descriptor(y, [R, K], [K, 1], [64, BK])
     aqk_d = tl.make_tensor_descriptor(aqk, [R, 64], [64, 1], [64, 64])
-    if STORE_GRADS:
-        dr_d = tl.make_tensor_descriptor(dr, [R, V], [V, 1], [64, BV])
-        ds_d = tl.make_tensor_descriptor(dstates, [NT * H * BK, V], [V, 1], [BK, BV])
+    dr_d = tl.make_tensor_descriptor(dr, [R, V], [V, 1], [64, BV])
+    ds_d = tl.make_tensor_descriptor(dstates, [NT * H * BK, V], [V, 1], [BK, BV])
     do_d = tl.make_tensor_descriptor(do + (bos * H + i_h) * V, [eos - bos, V], [H * V, 1], [64, BV])
     r = tl.arange(0, 64)
     causal = r[:, None] >= r[None, :]
@@ -119,14 +92,12 @@ def chunk_state_bwd_kernel(
         c = c1 - 1 - i
         base = (c * H + i_h) * 64
         dSb = dS.to(DT)
-        if STORE_GRADS:
-            ds_d.store([(c * H + i_h) * BK, i_v * BV], dSb)
+        ds_d.store([(c * H + i_h) * BK, i_v * BV], dSb)
         dOc = do_d.load([(c - c0) * 64, i_v * BV])
         a = tl.where(causal, aqk_d.load([base, 0]), 0.0)
         dRc = mm(tl.trans(a), dOc, DT) + mm(kt_d.load([base, 0]), dSb, DT)
         dRb = dRc.to(DT)
-        if STORE_GRADS:
-            dr_d.store([base, i_v * BV], dRb)
+        dr_d.store([base, i_v * BV], dRb)
         decay = tl.exp(tl.load(gc + (c * H + i_h) * BK + tl.arange(0, BK)))
         dS = (dS * decay[:, None] + mm(tl.trans(qg_d.load([base, 0])), dOc, DT)
               - mm(tl.trans(y_d.load([base, 0])), dRb, DT))

@@ -212,38 +212,6 @@ def test_interpreter_wide_state_blocks(monkeypatch):
     assert launches and {bv for bv, _, _ in launches} == {16}
 
 
-@pytest.mark.parametrize("with_state", [True, False])
-def test_interpreter_segmented_state_passes(monkeypatch, with_state):
-    """Few long sequences: each is cut into segments (here 2 chunks: 5 chunks -> 3 segments, the
-    last shorter and its last chunk partial) whose state passes run side by side, joined through
-    the segments' transitions; against fp64 with and without an initial and a final state."""
-    from gdn2_kernels.gdn2 import chunk
-
-    _with_config(monkeypatch, state_segment_chunks=2, state_min_programs=1000)
-    segments, real = [], chunk._segments
-    monkeypatch.setattr(chunk, "_segments",
-                        lambda idx, heads: segments.append(real(idx, heads)) or segments[-1])
-    # weak decay: at g >= -1 a segment's transition (128 tokens) would underflow to nothing
-    check_against_reference(2, 300, 2, 16, 32, torch.float32, "cpu", 1e-5, g_min=-0.02,
-                            with_state=with_state, final_state=with_state, seed=3)
-    assert segments and set(segments) == {3}, segments
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
-def test_gpu_segmented_state_passes(monkeypatch, dtype, tol):
-    """The compiled kernels' segmented state passes (4 segments of 4 chunks per sequence) against
-    fp64, with weak decay so that the segments' transitions carry weight."""
-    from gdn2_kernels.gdn2 import chunk
-
-    _with_config(monkeypatch, state_segment_chunks=4, state_min_programs=1000)
-    segments, real = [], chunk._segments
-    monkeypatch.setattr(chunk, "_segments",
-                        lambda idx, heads: segments.append(real(idx, heads)) or segments[-1])
-    check_against_reference(2, 1000, 4, 128, 128, dtype, "cuda", tol, g_min=-0.01)
-    assert segments and set(segments) == {4}, segments
-
-
 @pytest.mark.gpu
 def test_gpu_wide_state_blocks(monkeypatch):
     """6 x 16 sequence-heads in bf16 without an initial or final state: on Hopper the state kernels
