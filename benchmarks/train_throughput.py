@@ -293,8 +293,7 @@ def build_trainer(model_cfg, point: Point, batches, args):
                          gradient_accumulation_fusion=args.gradient_accumulation_fusion,
                          parallel=ParallelConfig(use_distributed_optimizer=True),
                          # Peak learning rate after the first step: the updates are of a realistic size.
-                         optim=OptimizerSettings(warmup_tokens=point.seq * point.batch,
-                                                 triton_adamw=args.triton_adamw))
+                         optim=OptimizerSettings(warmup_tokens=point.seq * point.batch))
     set_seeds(args.seed)
     bf16 = use_bf16()
     bundle = build_model_bundle(cfg, model_cfg, bf16=bf16)
@@ -430,7 +429,6 @@ def environment(args, peak: float | None) -> dict[str, str]:
     env["GDN-2 kernel backend"] = args.kernel_backend or "default (triton on a GPU, torch on a CPU)"
     if args.kernel_config:
         env["GDN-2 kernel config overrides"] = args.kernel_config
-    env["AdamW step"] = "gdn2_kernels.adamw_step" if args.triton_adamw else "torch's fused kernel"
     fused = args.gradient_accumulation_fusion and wgrad_accumulation.install()
     env["weight-gradient accumulation"] = ("in the wgrad GEMM (gradient_accumulation_fusion)" if fused
                                            else "separate add into main_grad")
@@ -660,8 +658,6 @@ def probe_time_to_first_step(args, point: Point) -> str:
         command += ["--swa-attention-impl", args.swa_attention_impl]
     if not args.gradient_accumulation_fusion:
         command.append("--no-gradient-accumulation-fusion")
-    if not args.triton_adamw:
-        command.append("--no-triton-adamw")
     if args.kernel_config:
         command += ["--kernel-config", args.kernel_config]
     log(f"time-to-first-step probe: {' '.join(command[1:])}")
@@ -813,8 +809,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false",
                    help="weight gradients added to main_grad in a separate pass (as gdn2-pretrain's flag)")
-    p.add_argument("--no-triton-adamw", dest="triton_adamw", action="store_false",
-                   help="AdamW's step on torch's fused kernel (as gdn2-pretrain's flag)")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of the device for MFU")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-ttfs-probe", action="store_true", help="skip the fresh-process first-step timing")

@@ -96,9 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swa-attention-impl", default=None,
                    help="SWA core attention: te, flex, sdpa or local (default: te with Transformer "
                         "Engine, else flex on a GPU)")
-    g.add_argument("--no-triton-adamw", dest="triton_adamw", action="store_false",
-                   help="AdamW's step on torch's fused kernel instead of gdn2_kernels.adamw_step (same "
-                        "update; torch's writes every gradient back)")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false",
                    help="add each weight gradient to the fp32 main_grad in a separate pass instead of in "
@@ -248,7 +245,7 @@ def config_from_args(argv: list[str] | None = None, world_size: int | None = Non
         optim=OptimizerSettings(
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            decay_tokens=args.lr_decay_tokens, triton_adamw=args.triton_adamw,
+            decay_tokens=args.lr_decay_tokens,
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, keep_last=args.keep_last,

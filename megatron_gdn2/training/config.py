@@ -91,8 +91,6 @@ class OptimizerSettings:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    # on a GPU, AdamW's step on our Triton kernel (else torch's fused kernel); same update
-    triton_adamw: bool = True
 
 
 @dataclass

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import torch
-from gdn2_kernels import adamw_step
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -52,7 +51,7 @@ def build_optimizer(cfg: PretrainConfig, model_chunks: list, *, bf16: bool):
         name="gdn2_no_weight_decay", fn=lambda param, name: not uses_weight_decay(name, param)))
     optimizer = get_megatron_optimizer(opt_config, model_chunks,
                                        config_overrides={no_decay: {"wd_mult": 0.0}})
-    fuse_adamw(optimizer, triton=o.triton_adamw)
+    fuse_adamw(optimizer)
     if torch.cuda.is_available():
         _use_foreach_norm()
     return optimizer
@@ -80,11 +79,10 @@ def _use_foreach_norm() -> None:
         clip_grads.l2_norm_impl = foreach_l2_norm
 
 
-def fuse_adamw(optimizer, device_types=("cuda",), triton: bool = True) -> None:
+def fuse_adamw(optimizer, device_types=("cuda",)) -> None:
     """Switches the torch AdamW inside Megatron's optimizer to its fused kernel (one launch per
     parameter group instead of torch's default multi-tensor passes; without Transformer Engine or
-    apex Megatron builds the default one) when every parameter is on one of `device_types`; with
-    `triton`, fp32 CUDA parameters step on TritonAdamW instead.
+    apex Megatron builds the default one) when every parameter is on one of `device_types`.
 
     Fused AdamW wants its step counters on the parameters' device; Megatron's checkpoint loading
     may leave them on the CPU, so a pre-step hook moves any that are not."""
@@ -98,44 +96,6 @@ def fuse_adamw(optimizer, device_types=("cuda",), triton: bool = True) -> None:
         for group in adam.param_groups:
             group["fused"], group["foreach"] = True, False
         adam.register_step_pre_hook(_steps_on_device)
-        if triton and all(p.is_cuda and p.dtype == torch.float32 for p in params):
-            # the same optimizer (state, groups, checkpoints) with its step on our kernel
-            adam.__class__ = TritonAdamW
-
-
-class TritonAdamW(torch.optim.AdamW):
-    """torch's AdamW whose step on fp32 CUDA tensors is gdn2_kernels.adamw_step, one launch per
-    parameter group. Like torch's fused kernel it divides each gradient by `grad_scale` when that
-    attribute is set (optimizer_step sets it), but it does not write the gradient back: 4 bytes
-    per parameter that nothing reads (2.8 ms of an H200 step of the 1.3B model, RESULTS.md run 36)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        groups = self.param_groups
-        unsupported = any(g["amsgrad"] or g["maximize"] or torch.is_tensor(g["lr"]) for g in groups) or any(
-            p.grad is not None and p.grad.dtype != torch.float32 for g in groups for p in g["params"])
-        if closure is not None or unsupported:
-            return super().step(closure)
-        _steps_on_device(self, (), {})
-        grad_scale = getattr(self, "grad_scale", None)
-        for group in groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            states = [self.state[p] for p in params]
-            for p, state in zip(params, states):
-                if not state:  # torch's lazy initialisation, same keys and types
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps = [state["step"] for state in states]
-            torch._foreach_add_(steps, 1.0)
-            beta1, beta2 = group["betas"]
-            adamw_step(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                       [s["exp_avg_sq"] for s in states], steps[0], lr=group["lr"], beta1=beta1,
-                       beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       grad_scale=grad_scale)
-        return None
 
 
 def _steps_on_device(adam, args, kwargs) -> None:

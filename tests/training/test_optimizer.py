@@ -132,39 +132,3 @@ def test_optimizer_step_is_megatrons_step(corpus, tmp_path):
             assert (ref_norm > clip) == (clip < 1), "the clip cases are not what they claim"
             assert case["moved"] > 1e-4, "the step did not change the parameters"
             assert case["max_diff"] < 1e-6, (fused, clip, case)  # a few float32 ulps of O(1) weights
-
-
-def test_triton_adamw_is_torch_adamw_and_shares_its_checkpoints():
-    """TritonAdamW (its kernel in Triton's interpreter here) against torch's fused AdamW with the
-    same grad_scale, over two groups (with and without weight decay) and three steps; its state
-    dict then continues in torch's AdamW exactly as torch's own would."""
-    from megatron_gdn2.training.optimizer import TritonAdamW
-
-    def build(cls):
-        params = _params(5)
-        groups = [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}]
-        return params, cls(groups, lr=0.05, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-    (ref, torch_adam), (ours, triton_adam) = build(torch.optim.AdamW), build(TritonAdamW)
-    gen = torch.Generator().manual_seed(6)
-    for i in range(3):
-        for a, b in zip(ref, ours):
-            a.grad = torch.randn(a.shape, generator=gen) * 100
-            b.grad = a.grad.clone()
-        for adam in (torch_adam, triton_adam):
-            adam.grad_scale = torch.tensor(100.0 + i)
-            adam.step()
-    for a, b in zip(ref, ours):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(ours[0].grad, ref[0].grad)  # torch's kernel wrote its unscaled gradient back
-    resumed = torch.optim.AdamW([{"params": ours[:1]}, {"params": ours[1:], "weight_decay": 0.0}],
-                                lr=0.05, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    resumed.load_state_dict(triton_adam.state_dict())
-    del torch_adam.grad_scale
-    for a, b in zip(ref, ours):
-        a.grad = torch.randn(a.shape, generator=gen)
-        b.grad = a.grad.clone()
-    for adam in (torch_adam, resumed):
-        adam.step()
-    for a, b in zip(ref, ours):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
