@@ -1,5 +1,6 @@
-"""fuse_adamw: the fused AdamW kernel gives the default AdamW's update, also after a checkpoint
-load left the step counters as Python numbers."""
+"""The optimizer pieces: fuse_adamw (the fused AdamW kernel gives the default AdamW's update, also
+after a checkpoint load left the step counters as Python numbers), the foreach gradient norm, and
+optimizer_step (the same norm and parameters as Megatron's own scaling, clipping and step)."""
 import pytest
 import torch
 
