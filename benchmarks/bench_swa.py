@@ -1,6 +1,7 @@
 """The SWA layers' core attention on one GPU at the 1.3B hybrid's shapes (18 heads of 128, window
-2048, bf16): our compiled FlexAttention with its sliding-window block mask under FlexAttention's
-kernel options, beside causal flash SDPA over the same tokens (the cost of a window that covers
+2048, bf16): torch's flash kernels with their native window (the default), our compiled
+FlexAttention with its sliding-window block mask under FlexAttention's kernel options, beside
+causal flash SDPA over the same tokens (the cost of a window that covers
 the sequence), forward+backward median times, in one process.
 
     python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--variants 'default;BLOCK_M=128,BLOCK_N=64']
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
-from megatron_gdn2.layers.swa import sliding_window_block_mask
+from megatron_gdn2.layers.swa import flash_window_attention, sliding_window_block_mask
 
 HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
 # ROWS_GUARANTEED_SAFE=1 times at most 0.6% faster and gave a NaN loss in training (run 16)
@@ -62,7 +63,8 @@ def main():
         grad = torch.randn_like(q)
         mask = sliding_window_block_mask(seq_len, WINDOW, q.device)
         rows = [("flash SDPA, full causal (reference)",
-                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                ("flash, window", lambda q, k, v: flash_window_attention(q, k, v, WINDOW, HEAD_DIM ** -0.5))]
         for variant in args.variants.split(";"):
             options = parse(variant)
             rows.append((f"flex, window: {variant}", lambda q, k, v, o=options, m=mask:

@@ -10,7 +10,8 @@
 #   sweep:S  the same at shape S (e.g. sweep:1x16384), with the variants of $SWEEP_S if it is set
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   ce       bench_cross_entropy.py (the loss beside Megatron's fused and unfused cross entropy)
-#   swa      bench_swa.py (FlexAttention kernel options for the SWA layers, flash SDPA beside)
+#   swa      bench_swa.py ${SWA_ARGS} (the windowed flash kernels and FlexAttention options for the
+#            SWA layers, causal flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   train:X  train_throughput.py ${TRAIN_ARGS_X} into train_throughput_X.log (variants side by side)
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
@@ -89,7 +90,8 @@ for step in "${@:-all}"; do
         python3 benchmarks/bench_cross_entropy.py 2>&1 | tee "$OUT/bench_cross_entropy.log" | tail -12
         status=$((status | PIPESTATUS[0])) ;;
     swa)
-        python3 benchmarks/bench_swa.py 2>&1 | tee "$OUT/bench_swa.log" | tail -12
+        # shellcheck disable=SC2086
+        python3 benchmarks/bench_swa.py ${SWA_ARGS:-} 2>&1 | tee "$OUT/bench_swa.log" | tail -12
         status=$((status | PIPESTATUS[0])) ;;
     profile)
         python3 benchmarks/train_throughput.py --profile 2>&1 | tee "$OUT/profile_run.log" | tail -40

@@ -5,6 +5,9 @@ The SWA layer is Megatron-Core's SelfAttention (RoPE, grouped-query heads, TP an
 before it. Its core attention is chosen by `swa_core_attention(config)`:
 
     "te"     Transformer Engine's TEDotProductAttention (flash / fused kernels, packed sequences)
+    "flash"  FlashSlidingWindowAttention below: torch's own FlashAttention-2 kernels with their
+             native window (`window_size_left`): only the band is computed, at flash's FLOP rate
+             (bf16 / fp16)
     "flex"   FlexSlidingWindowAttention below: torch FlexAttention with a sliding-window block mask,
              compiled on a GPU (block-sparse: the work and memory are O(T W))
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
@@ -14,10 +17,11 @@ With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it applies the ro
 itself, fused with the query/key/value split and the core attention's [s, b] -> [b, heads, s]
 layout change.
 
-`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
-a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
-CPU. "flex" and "sdpa" run full causal attention (a window that covers the
-sequence) as one SDPA call with `is_causal=True` and no mask, which is the flash kernel on a GPU.
+`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else on a GPU
+"flash" for bf16 / fp16 layers with heads FlashAttention-2 takes, otherwise "flex" ("sdpa" for heads
+under 16 wide, which the compiled FlexAttention refuses), and "local" on CPU. "flash", "flex" and
+"sdpa" run full causal attention (a window that covers the sequence) as one SDPA call with
+`is_causal=True` and no mask, which is the flash kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_gdn2.layers.compiled import compiled_on_gpu
 
-SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
+SWA_ATTENTION_IMPLS = ("te", "flash", "flex", "sdpa", "local")
 # the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
 FLEX_MIN_HEAD_DIM = 16
 
@@ -239,6 +243,63 @@ def sliding_window_block_mask(seq_len: int, window: int, device: torch.device) -
                                     seq_lengths=(seq_len, seq_len))
 
 
+def flash_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether torch's FlashAttention-2 kernels take heads of this width and dtype."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+
+
+class _FlashWindowFunction(torch.autograd.Function):
+    """Causal attention over the `window` keys up to each query with torch's FlashAttention-2 ops,
+    which skip the tiles outside the band: q [b, s, heads, d], k/v [b, s, groups, d] (grouped-query
+    heads are native), each with a unit stride in d -> [b, s, heads, d]. An autograd function
+    because torch exposes the window only on its private forward and backward ops, not on SDPA."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float):
+        seq_len = q.shape[1]
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, seq_len, seq_len, 0.0, True, False, scale=scale,
+            window_size_left=window - 1, window_size_right=0)
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, unused)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, rng_state, unused = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        seq_len = q.shape[1]
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out, q, k, v, out, lse, None, None, seq_len, seq_len, 0.0, True, rng_state, unused,
+            scale=ctx.scale, window_size_left=ctx.window - 1, window_size_right=0)
+        return dq, dk, dv, None, None
+
+
+def flash_window_attention(q, k, v, window: int, scale: float):
+    """q [b, heads, s, d], k/v [b, groups, s, d] -> [b, heads, s, d]: each query attends to itself
+    and the window - 1 keys before it, on torch's FlashAttention-2 kernels (CUDA, bf16 / fp16)."""
+    if not (q.is_cuda and flash_supports(q.shape[-1], q.dtype)):
+        raise ValueError(f"the flash sliding-window attention needs CUDA bf16/fp16 heads of at most "
+                         f"256 (a multiple of 8), got {q.dtype} heads of {q.shape[-1]} on {q.device}; "
+                         f"use swa_attention_impl='flex' or 'sdpa'")
+    # [b, heads, s, d] -> the kernel's [b, s, heads, d]: strided views, no copies
+    out = _FlashWindowFunction.apply(*(x.transpose(1, 2) for x in (q, k, v)), window, scale)
+    return out.transpose(1, 2)
+
+
+class FlashSlidingWindowAttention(SlidingWindowCoreAttention):
+    """Sliding-window attention on torch's FlashAttention-2 kernels with their native window: the
+    work is the band's, at the flash kernel's FLOP rate (FlexAttention's block-sparse kernel ran at
+    ~73% of it on an H200, benchmarks/RESULTS.md). CUDA, bf16 / fp16 only; no attention dropout
+    (the paper's SWA layers have none)."""
+
+    supports_dropout = False
+
+    def _windowed(self, q, k, v, dropout):
+        return flash_window_attention(q, k, v, self.window, self.softmax_scale)
+
+
 class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
     """Sliding-window attention with torch FlexAttention: a block-sparse kernel that visits only the
     key blocks of each query block's window (compiled with torch.compile on a GPU; eager elsewhere,
@@ -260,7 +321,11 @@ def swa_core_attention(config) -> type:
         if config.transformer_impl == "transformer_engine":
             impl = "te"
         elif torch.cuda.is_available():
-            impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
+            dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else config.params_dtype
+            if flash_supports(config.kv_channels, dtype):
+                impl = "flash"
+            else:
+                impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
         else:
             impl = "local"
     if impl not in SWA_ATTENTION_IMPLS:
@@ -269,5 +334,5 @@ def swa_core_attention(config) -> type:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         return TEDotProductAttention
-    return {"flex": FlexSlidingWindowAttention, "sdpa": BlockedSlidingWindowAttention,
-            "local": DotProductAttention}[impl]
+    return {"flash": FlashSlidingWindowAttention, "flex": FlexSlidingWindowAttention,
+            "sdpa": BlockedSlidingWindowAttention, "local": DotProductAttention}[impl]

@@ -1,8 +1,9 @@
 """The SWA core attentions (FlexAttention, blocked SDPA) against a dense fp64 attention computed
 here: windows that do and do not divide the sequence, cross FlexAttention's 128-token blocks, or
 cover the whole sequence (full causal attention: one SDPA call, no T x T tensor). GPU (marked):
-compiled FlexAttention in bf16 against blocked SDPA, the full causal path on the flash kernel, no
-recompilation across steps, and the hybrid model with each implementation.
+the windowed flash kernels and compiled FlexAttention in bf16 against blocked SDPA and the fp64
+reference, the full causal path on the flash kernel, no recompilation across steps, and the hybrid
+model with each implementation.
 (Model-level CPU checks against Megatron's local attention: test_gdn2_layers.py.)"""
 import contextlib
 
@@ -131,9 +132,19 @@ def test_no_seq_by_seq_tensor(impl, window):
     assert not square, square
 
 
-def test_flex_rejects_attention_dropout():
-    with pytest.raises(ValueError, match="FlexSlidingWindowAttention has no attention dropout"):
-        _core("flex", 32, 8, attention_dropout=0.1)
+@pytest.mark.parametrize("impl", ["flex", "flash"])
+def test_rejects_attention_dropout(impl):
+    name = f"{impl.capitalize()}SlidingWindowAttention"
+    with pytest.raises(ValueError, match=f"{name} has no attention dropout"):
+        _core(impl, 32, 8, attention_dropout=0.1)
+
+
+def test_flash_refuses_inputs_it_cannot_run():
+    """The flash kernels take CUDA bf16/fp16 only: fp32 (or CPU) inputs get an error that names the
+    option to use instead, not a failure inside torch."""
+    core = _core("flash", 40, 8)
+    with pytest.raises(ValueError, match="swa_attention_impl='flex' or 'sdpa'"):
+        core(*_inputs(core, 40), None)
 
 
 def test_default_implementation():
@@ -143,19 +154,23 @@ def test_default_implementation():
     from megatron_gdn2.layers.swa import (
         FLEX_MIN_HEAD_DIM,
         BlockedSlidingWindowAttention,
+        FlashSlidingWindowAttention,
         FlexSlidingWindowAttention,
         swa_core_attention,
     )
     from megatron_gdn2.models import make_transformer_config
 
-    for name in ("swa_gdn2_tiny", "swa_gdn2_1.3B"):
-        config = make_transformer_config(get_model_config(name))
+    for name, bf16 in (("swa_gdn2_tiny", False), ("swa_gdn2_1.3B", False), ("swa_gdn2_1.3B", True)):
+        config = make_transformer_config(get_model_config(name), bf16=bf16,
+                                         params_dtype=torch.bfloat16 if bf16 else torch.float32)
         if config.transformer_impl == "transformer_engine":
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
             expected = TEDotProductAttention
         elif not torch.cuda.is_available():
             expected = DotProductAttention
+        elif bf16:
+            expected = FlashSlidingWindowAttention
         elif config.kv_channels >= FLEX_MIN_HEAD_DIM:
             expected = FlexSlidingWindowAttention
         else:
@@ -190,6 +205,20 @@ def _core_gpu_checks(out):
     blocked_result = _forward_backward(blocked, inputs, out_grad)
     out["flex_vs_blocked"] = [_rel(a, b) for a, b in zip([flex_result[0], *flex_result[1]],
                                                           [blocked_result[0], *blocked_result[1]])]
+    # The windowed flash kernels against blocked SDPA (both bf16) and the fp64 reference, at a
+    # window that is not a multiple of the kernel's tiles, and at one that is (the model's case).
+    for flash_window in (window, 256):
+        flash = _forward_backward(_core("flash", seq_len, flash_window, shape), inputs, out_grad)
+        blocked_w = _forward_backward(_core("sdpa", seq_len, flash_window, shape), inputs, out_grad)
+        leaves = [x.detach().double().requires_grad_() for x in inputs]
+        expected = reference_swa(*leaves, flash_window, 64 ** -0.5)
+        expected.backward(out_grad.double())
+        out[f"flash_{flash_window}_vs_blocked"] = [
+            _rel(a, b) for a, b in zip([flash[0], *flash[1]], [blocked_w[0], *blocked_w[1]])]
+        out[f"flash_{flash_window}_vs_reference"] = [
+            _rel(a, b) for a, b in zip([flash[0], *flash[1]], [expected, *(x.grad for x in leaves)])]
+        out[f"blocked_{flash_window}_vs_reference"] = [
+            _rel(a, b) for a, b in zip([blocked_w[0], *blocked_w[1]], [expected, *(x.grad for x in leaves)])]
     out["block_mask_builds"] = sliding_window_block_mask.cache_info().misses
 
     # Full causal attention, on the flash kernel only (it fails if flash cannot run it), against the
@@ -210,9 +239,9 @@ def _core_gpu_checks(out):
 
 
 def _model_gpu_checks(out):
-    """The hybrid model in bf16, Flex vs blocked SDPA core attention (same weights), each against
-    the same model in fp32 (blocked SDPA); three training steps with Flex add no compiled graph
-    after the first."""
+    """The hybrid model in bf16, windowed flash and Flex vs blocked SDPA core attention (same
+    weights), each against the same model in fp32 (blocked SDPA); three training steps with Flex add
+    no compiled graph after the first."""
     import torch.nn.functional as F
 
     from megatron_gdn2.configs import ModelConfig
@@ -224,7 +253,7 @@ def _model_gpu_checks(out):
     tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1),
                            generator=torch.Generator().manual_seed(0)).cuda()
     state, results = None, {}
-    for impl in ("sdpa", "flex", "fp32"):
+    for impl in ("sdpa", "flex", "flash", "fp32"):
         dtype = torch.float32 if impl == "fp32" else torch.bfloat16
         config = make_transformer_config(model_cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                          swa_attention_impl="sdpa" if impl == "fp32" else impl,
@@ -242,12 +271,13 @@ def _model_gpu_checks(out):
             graphs.append(_graphs())
         results[impl] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
     out["model_graphs_after_step"] = graphs
-    (loss_sdpa, grads_sdpa), (loss_flex, grads_flex) = results["sdpa"], results["flex"]
-    out["model_loss_diff"] = abs(loss_flex - loss_sdpa)
-    out["model_grad_rel_diff"] = max(_rel(grads_flex[n], g) for n, g in grads_sdpa.items())
+    loss_sdpa, grads_sdpa = results["sdpa"]
+    for impl in ("flex", "flash"):
+        out[f"model_loss_diff_{impl}"] = abs(results[impl][0] - loss_sdpa)
+        out[f"model_grad_rel_diff_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_sdpa.items())
     # the bf16 noise of this model: each bf16 run's worst per-parameter gradient error against fp32
     grads_fp32 = results["fp32"][1]
-    for impl in ("sdpa", "flex"):
+    for impl in ("sdpa", "flex", "flash"):
         out[f"model_grad_err_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_fp32.items())
 
 
@@ -274,6 +304,16 @@ def test_compiled_flex_matches_blocked_sdpa_bf16(gpu_checks):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window", [200, 256])
+def test_windowed_flash_matches_blocked_sdpa_and_reference_bf16(gpu_checks, window):
+    """bf16 against bf16 blocked SDPA within 1e-2, and against fp64 within 2e-2 and no further off
+    than blocked SDPA is (plus 5e-3): a wrong window edge would put the error at order 1."""
+    assert max(gpu_checks[f"flash_{window}_vs_blocked"]) < 1e-2, gpu_checks
+    ours, blocked = gpu_checks[f"flash_{window}_vs_reference"], gpu_checks[f"blocked_{window}_vs_reference"]
+    assert max(ours) < 2e-2 and all(a < b + 5e-3 for a, b in zip(ours, blocked)), gpu_checks
+
+
+@pytest.mark.gpu
 def test_full_causal_runs_flash_and_matches(gpu_checks):
     assert max(gpu_checks["full_vs_blocked_tile"]) < 1e-2, gpu_checks["full_vs_blocked_tile"]
     assert max(gpu_checks["full_vs_reference"]) < 2e-2, gpu_checks["full_vs_reference"]
@@ -290,11 +330,12 @@ def test_flex_compiles_once(gpu_checks):
 
 
 @pytest.mark.gpu
-def test_hybrid_model_flex_matches_blocked_sdpa_bf16(gpu_checks):
-    """Flex against blocked SDPA, both bf16: the loss within 1e-2, and Flex's gradients as close to
-    the fp32 model's as SDPA's are (the two bf16 runs differ by up to ~0.05 relative in some
-    parameter, run 11 of RESULTS_gpu_tests.md, which is the bf16 noise of this model, not a bound
-    on the attention)."""
-    assert gpu_checks["model_loss_diff"] < 1e-2, gpu_checks
-    err_sdpa, err_flex = gpu_checks["model_grad_err_sdpa"], gpu_checks["model_grad_err_flex"]
-    assert err_sdpa < 0.1 and err_flex < 1.5 * err_sdpa + 5e-3, gpu_checks
+@pytest.mark.parametrize("impl", ["flex", "flash"])
+def test_hybrid_model_matches_blocked_sdpa_bf16(gpu_checks, impl):
+    """Flex or windowed flash against blocked SDPA, all bf16: the loss within 1e-2, and the
+    gradients as close to the fp32 model's as SDPA's are (two bf16 runs differ by up to ~0.05
+    relative in some parameter, run 11 of RESULTS_gpu_tests.md, which is the bf16 noise of this
+    model, not a bound on the attention)."""
+    assert gpu_checks[f"model_loss_diff_{impl}"] < 1e-2, gpu_checks
+    err_sdpa, err = gpu_checks["model_grad_err_sdpa"], gpu_checks[f"model_grad_err_{impl}"]
+    assert err_sdpa < 0.1 and err < 1.5 * err_sdpa + 5e-3, gpu_checks
