@@ -84,6 +84,58 @@ def test_core_attention_matches_dense_reference(impl, seq_len, window):
         assert _rel(grad, leaf.grad) < 1e-5
 
 
+def _dense_causal(q, k, v, scale):
+    """What the flash forward returns, densely: q [b, s, heads, d], k/v [b, s, groups, d] ->
+    (out, lse [b, heads, s], rng state)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * scale
+    scores = scores.masked_fill(~torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.einsum("bhst,bthd->bshd", (scores - lse[..., None]).exp(), v), lse, (None, None)
+
+
+def _dense_causal_backward(grad_out, q, k, v, out, lse, rng, scale):
+    """The flash backward's gradients, densely, from the given output and log-sum-exp."""
+    group = q.shape[2] // k.shape[2]
+    k_rep, v_rep = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    scores = torch.einsum("bshd,bthd->bhst", q, k_rep) * scale
+    causal = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+    probs = (scores - lse[..., None]).exp().masked_fill(~causal, 0)
+    d_scores = probs * (torch.einsum("bshd,bthd->bhst", grad_out, v_rep)
+                        - (grad_out * out).sum(-1).transpose(1, 2)[..., None])
+    per_group = lambda x: x.unflatten(2, (k.shape[2], group)).sum(3)  # noqa: E731
+    return (torch.einsum("bhst,bthd->bshd", d_scores, k_rep) * scale,
+            per_group(torch.einsum("bhst,bshd->bthd", d_scores, q) * scale),
+            per_group(torch.einsum("bhst,bshd->bthd", probs, grad_out)))
+
+
+@pytest.mark.parametrize("seq_len, window, heads, groups", [(40, 8, 4, 2), (37, 10, 4, 4), (64, 16, 2, 1),
+                                                           (33, 16, 4, 2), (9, 8, 2, 2)])
+def test_banded_flash_decomposition(monkeypatch, seq_len, window, heads, groups):
+    """The flash implementation's decomposition of the window into causal calls (row flips, the
+    log-sum-exp merge, the backward's parts, padding to whole blocks) against the dense fp64
+    reference, on CPU with the flash kernels' forward and backward computed densely in their
+    place. The kernels themselves are checked on the GPU (test_windowed_flash_... below)."""
+    from megatron_gdn2.layers import swa
+
+    monkeypatch.setattr(swa, "_flash_causal", _dense_causal)
+    monkeypatch.setattr(swa, "_flash_causal_backward", _dense_causal_backward)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(seq_len, BATCH, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for n in (heads, groups, groups))
+    out_grad = torch.randn(seq_len, BATCH, heads * 8, generator=gen, dtype=torch.float64)
+    expected = reference_swa(q, k, v, window, 0.3)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), out_grad)
+    out = swa._banded_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), window, 0.3)
+    out = out.permute(2, 0, 1, 3).flatten(2)
+    grads = torch.autograd.grad(out, (q, k, v), out_grad)
+    # the merge computes in fp32 (its inputs are bf16 in training)
+    assert _rel(out, expected) < 1e-6
+    for grad, ref in zip(grads, expected_grads):
+        assert _rel(grad, ref) < 1e-6
+
+
 @pytest.mark.parametrize("seq_len, window", [(1000, 257), (1024, 256), (640, 128), (300, 130), (129, 1)])
 def test_block_mask_matches_torch_construction(seq_len, window):
     """The block mask built from the window's block structure equals create_block_mask's evaluation
