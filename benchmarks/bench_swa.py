@@ -4,7 +4,8 @@ training gives it) and our compiled FlexAttention with its sliding-window block 
 FlexAttention's kernel options, beside causal flash SDPA over the same tokens (the cost of a window
 that covers the sequence), forward+backward median times, in one process.
 
-    python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--variants 'default;BLOCK_M=128,BLOCK_N=64']
+    python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--profile]
+        [--variants 'default;BLOCK_M=128,BLOCK_N=64']
 
 A variant is a `,`-separated list of kernel option=value (ints); one that does not compile is
 reported and skipped.
@@ -42,17 +43,32 @@ def fwd_bwd_ms(fn, q, k, v, grad):
     return do_bench(step, return_mode="median")
 
 
+def kernel_table(fn, q, k, v, grad, steps=5):
+    """The CUDA kernels of `steps` forward+backward calls, by device time per call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            for x in (q, k, v):
+                x.grad = None
+            fn(q, k, v).backward(grad)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4x4096,1x16384")
     parser.add_argument("--variants", default=VARIANTS)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", action="store_true",
+                        help="also each row's kernels over 5 steps (torch profiler): bench_swa_profile.txt")
     args = parser.parse_args()
     # every variant and shape is a new graph: past torch's default limit (8) flex_attention would
     # fall back to its eager form, which materialises the scores
     torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(flex_attention, dynamic=False)
+    profiles = []
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {HEADS} heads of "
              f"{HEAD_DIM}, window {WINDOW}, bf16, forward+backward median ms", "",
              "| shape | core attention | fwd+bwd ms |", "|---|---|---|"]
@@ -81,9 +97,14 @@ def main():
                 ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
             lines.append(f"| {shape} | {name} | {ms} |")
             print(lines[-1], flush=True)
+            if args.profile and not ms.startswith("failed"):
+                profiles.append(f"## {shape}, {name}: {ms} ms\n\n{kernel_table(fn, *inputs, grad)}\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_swa.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if profiles:
+        with open(os.path.join(args.out, "bench_swa_profile.txt"), "w") as f:
+            f.write("\n".join(profiles))
 
 
 if __name__ == "__main__":
