@@ -1,8 +1,7 @@
 """The SWA layers' core attention on one GPU at the 1.3B hybrid's shapes (18 heads of 128, window
-2048, bf16): the window from causal flash calls (the default, on the [b, s, heads, d] storage
-training gives it) and our compiled FlexAttention with its sliding-window block mask under
-FlexAttention's kernel options, beside causal flash SDPA over the same tokens (the cost of a window
-that covers the sequence), forward+backward median times, in one process.
+2048, bf16): our compiled FlexAttention with its sliding-window block mask under FlexAttention's
+kernel options, beside causal flash SDPA over the same tokens (the cost of a window that covers
+the sequence), forward+backward median times, in one process.
 
     python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--profile]
         [--variants 'default;BLOCK_M=128,BLOCK_N=64']
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
-from megatron_gdn2.layers.swa import flash_window_attention, sliding_window_block_mask
+from megatron_gdn2.layers.swa import sliding_window_block_mask
 
 HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
 # ROWS_GUARANTEED_SAFE=1 times at most 0.6% faster and gave a NaN loss in training (run 16)
@@ -77,28 +76,22 @@ def main():
         q, k, v = (torch.randn(batch, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
-        # the same values stored tokens-major, as the flash implementation gets them in training
-        q_t, k_t, v_t = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         mask = sliding_window_block_mask(seq_len, WINDOW, q.device)
-        heads_first, tokens_major = (q, k, v), (q_t, k_t, v_t)
         rows = [("flash SDPA, full causal (reference)",
-                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), heads_first),
-                ("flash, window from causal calls (default)",
-                 lambda q, k, v: flash_window_attention(*(x.transpose(1, 2) for x in (q, k, v)), WINDOW,
-                                                        HEAD_DIM ** -0.5), tokens_major)]
+                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
         for variant in args.variants.split(";"):
             options = parse(variant)
             rows.append((f"flex, window: {variant}", lambda q, k, v, o=options, m=mask:
-                         compiled(q, k, v, block_mask=m, kernel_options=o or None), heads_first))
-        for name, fn, inputs in rows:
+                         compiled(q, k, v, block_mask=m, kernel_options=o or None)))
+        for name, fn in rows:
             try:
-                ms = f"{fwd_bwd_ms(fn, *inputs, grad):.3f}"
+                ms = f"{fwd_bwd_ms(fn, q, k, v, grad):.3f}"
             except Exception as exc:  # a variant that does not compile must not end the run
                 ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
             lines.append(f"| {shape} | {name} | {ms} |")
             print(lines[-1], flush=True)
             if args.profile and not ms.startswith("failed"):
-                profiles.append(f"## {shape}, {name}: {ms} ms\n\n{kernel_table(fn, *inputs, grad)}\n")
+                profiles.append(f"## {shape}, {name}: {ms} ms\n\n{kernel_table(fn, q, k, v, grad)}\n")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_swa.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

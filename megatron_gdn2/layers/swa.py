@@ -5,9 +5,6 @@ The SWA layer is Megatron-Core's SelfAttention (RoPE, grouped-query heads, TP an
 before it. Its core attention is chosen by `swa_core_attention(config)`:
 
     "te"     Transformer Engine's TEDotProductAttention (flash / fused kernels, packed sequences)
-    "flash"  FlashSlidingWindowAttention below: torch's own FlashAttention-2 kernels with their
-             native window (`window_size_left`): only the band is computed, at flash's FLOP rate
-             (bf16 / fp16)
     "flex"   FlexSlidingWindowAttention below: torch FlexAttention with a sliding-window block mask,
              compiled on a GPU (block-sparse: the work and memory are O(T W))
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
@@ -17,11 +14,10 @@ With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it applies the ro
 itself, fused with the query/key/value split and the core attention's [s, b] -> [b, heads, s]
 layout change.
 
-`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else on a GPU
-"flash" for bf16 / fp16 layers with heads FlashAttention-2 takes, otherwise "flex" ("sdpa" for heads
-under 16 wide, which the compiled FlexAttention refuses), and "local" on CPU. "flash", "flex" and
-"sdpa" run full causal attention (a window that covers the sequence) as one SDPA call with
-`is_causal=True` and no mask, which is the flash kernel on a GPU.
+`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
+a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
+CPU. "flex" and "sdpa" run full causal attention (a window that covers the
+sequence) as one SDPA call with `is_causal=True` and no mask, which is the flash kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -39,7 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_gdn2.layers.compiled import compiled_on_gpu
 
-SWA_ATTENTION_IMPLS = ("te", "flash", "flex", "sdpa", "local")
+SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
 # the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
 FLEX_MIN_HEAD_DIM = 16
 
@@ -50,9 +46,6 @@ class SlidingWindowCoreAttention(MegatronModule):
     Megatron's DotProductAttention (the arguments it does not need are accepted for that reason)."""
 
     supports_dropout = True
-    # the storage RotaryInCoreSelfAttention gives the query/key/value: [b, s, heads, d] when true,
-    # else [b, heads, s, d]
-    tokens_major = False
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -109,22 +102,14 @@ class SlidingWindowCoreAttention(MegatronModule):
         raise NotImplementedError
 
 
-def _batch_first(x: torch.Tensor, tokens_major: bool) -> torch.Tensor:
-    """x [s, b, heads, d] stored as [b, s, heads, d] (tokens_major) or [b, heads, s, d], returned
-    as a [b, heads, s, d] view of that storage."""
-    if tokens_major:
-        return x.transpose(0, 1).contiguous().transpose(1, 2)
-    return x.permute(1, 2, 0, 3).contiguous()
-
-
-def _rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor, tokens_major: bool = False):
+def _rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (Megatron's non-interleaved form: x cos + rotate_half(x) sin, rotate_half
     (x1, x2) = (-x2, x1)) of x [s, b, heads, d] with freqs [s, 1, 1, d], returned as [b, heads, s, d]
-    in x's dtype (fp32 arithmetic), stored as `_batch_first` says."""
+    contiguous in x's dtype (fp32 arithmetic)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     y = xf * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
-    return _batch_first(y.to(x.dtype), tokens_major)
+    return y.permute(1, 2, 0, 3).contiguous().to(x.dtype)
 
 
 # one fused pass on a GPU where Megatron's unfused version (Transformer Engine holds the fused one)
@@ -134,19 +119,17 @@ rotary_heads_first = compiled_on_gpu(_rotary_heads_first)
 
 @compiled_on_gpu
 def split_rotary_heads_first(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
-                             heads_per_group: int, tokens_major: bool = False):
+                             heads_per_group: int):
     """Megatron's fused projection output [s, b, groups, (heads_per_group + 2) * d] -> query with
-    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d], stored as
-    `_batch_first` says. One function
+    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d]. One function
     so that its backward writes the projection's gradient in one pass: after Megatron's split it
     is a concatenation of three strided gradients (4.4 ms of a 4K x 4 step of swa_gdn2_1.3B,
     RESULTS.md run 11)."""
     s, b, groups, width = mixed.shape
     parts = mixed.view(s, b, groups, heads_per_group + 2, width // (heads_per_group + 2))
     query = parts[:, :, :, :heads_per_group].reshape(s, b, groups * heads_per_group, -1)
-    return (_rotary_heads_first(query, q_freqs, tokens_major),
-            _rotary_heads_first(parts[:, :, :, -2], k_freqs, tokens_major),
-            _batch_first(parts[:, :, :, -1], tokens_major))
+    return (_rotary_heads_first(query, q_freqs), _rotary_heads_first(parts[:, :, :, -2], k_freqs),
+            parts[:, :, :, -1].permute(1, 2, 0, 3).contiguous())
 
 
 class RotaryInCoreSelfAttention(SelfAttention):
@@ -180,10 +163,9 @@ class RotaryInCoreSelfAttention(SelfAttention):
         q_freqs, k_freqs = rotary if isinstance(rotary, tuple) else (rotary, rotary)
         q, k, v = split_rotary_heads_first(
             mixed.view(*mixed.shape[:2], groups, -1), q_freqs, k_freqs,
-            self.num_attention_heads_per_partition // groups,
-            getattr(self.core_attention, "tokens_major", False))
-        # Megatron's [s, b, heads, d] shapes over the core attention's storage: its permute back
-        # to [b, heads, s, d] is a view
+            self.num_attention_heads_per_partition // groups)
+        # Megatron's [s, b, heads, d] shapes over heads-first storage: the core attention's
+        # permute back to [b, heads, s, d] is a view
         return tuple(x.permute(2, 0, 1, 3) for x in (q, k, v))
 
 
@@ -257,143 +239,6 @@ def sliding_window_block_mask(seq_len: int, window: int, device: torch.device) -
                                     seq_lengths=(seq_len, seq_len))
 
 
-def flash_supports(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether torch's FlashAttention-2 kernels take heads of this width and dtype."""
-    return dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
-
-
-def _flash_causal(q, k, v, scale: float):
-    """Causal flash attention of [batch, s, heads, d] tensors (unit stride in d, any batch stride):
-    out, its log-sum-exp [batch, heads, s] and the kernel's RNG state for the backward."""
-    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False, scale=scale)
-    return out, lse, (rng_state, unused)
-
-
-def _flash_causal_backward(grad_out, q, k, v, out, lse, rng, scale: float):
-    """dq, dk, dv of `_flash_causal` given the output and log-sum-exp of the whole attention, of
-    which this call's keys are a part: the kernel's probabilities exp(s - lse) are then the whole
-    softmax's, so the parts' gradients add up to the whole's."""
-    return torch.ops.aten._flash_attention_backward(
-        grad_out, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], 0.0, True, *rng, scale=scale)
-
-
-def _flipped_rows(x, blocks: slice, rows: slice):
-    """x [b, n, W, ...] -> the given blocks with their rows reversed, then `rows` of that, as
-    [b * blocks, rows, ...] (a copy; the merge of b and blocks is a view of it)."""
-    return x[:, blocks].flip(2)[:, :, rows].flatten(0, 1)
-
-
-def _unflip(x, batch: int, front: bool):
-    """The off-diagonal parts' [b * (n - 1), W - 1, ...] back in block order as [b, n, W, ...], zero
-    for the block and row they do not cover: queries (front=False) are blocks 1.. and rows 0..W-2,
-    keys (front=True) blocks 0..n-2 and rows 1..W-1."""
-    x = x.unflatten(0, (batch, -1)).flip(2)
-    widths = [0, 0] * (x.dim() - 3)
-    return F.pad(x, widths + ([1, 0, 0, 1] if front else [0, 1, 1, 0]))
-
-
-@compiled_on_gpu
-def _merge_parts(o1, lse1, o2, lse2):
-    """The window's output from its two parts: o1 [b, n, W, h, d] / lse1 [b, n, h, W] over each
-    block's own keys, o2 / lse2 (flipped, [b * (n - 1), W - 1, h, d] / [b * (n - 1), h, W - 1])
-    over the previous block's keys -> output [b, n, W, h, d] and lse [b, n, h, W] (fp32 math)."""
-    batch = o1.shape[0]
-    o2 = _unflip(o2, batch, front=False)
-    lse2 = F.pad(lse2.unflatten(0, (batch, -1)).flip(-1), [0, 1, 0, 0, 1, 0], value=float("-inf"))
-    lse = torch.logaddexp(lse1, lse2)
-    w1, w2 = ((x - lse).exp().transpose(2, 3).unsqueeze(-1) for x in (lse1, lse2))
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype).contiguous(), lse
-
-
-@compiled_on_gpu
-def _add_parts(dq1, dk1, dv1, dq2, dk2, dv2):
-    """Each input's gradient: the diagonal blocks' [b, n, W, ...] plus the off-diagonal parts'
-    (flipped, see _unflip)."""
-    batch = dq1.shape[0]
-    return (dq1 + _unflip(dq2, batch, front=False), dk1 + _unflip(dk2, batch, front=True),
-            dv1 + _unflip(dv2, batch, front=True))
-
-
-class _BandedFlashFunction(torch.autograd.Function):
-    """Sliding-window attention with window W over s = n W tokens from causal flash calls.
-
-    Query block i (tokens [iW, iW + W)) sees its own block causally and, from block i - 1, the keys
-    after its own row: query row a sees previous-block row c when c > a. That part is causal after
-    reversing the rows of both blocks (and dropping the one row with no such key), so both parts
-    run on the flash kernel, batched over blocks, and are merged by their log-sum-exps. The
-    backward gives each part the whole attention's output and log-sum-exp. Torch's flash kernels
-    have a native window (`window_size_left`), but it ran slower than FlexAttention on an H200
-    (benchmarks/RESULTS.md, run 40).
-
-    q [b, s, heads, d], k/v [b, s, groups, d] contiguous -> [b, s, heads, d]."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float):
-        batch, seq_len = q.shape[:2]
-        blocks = [x.view(batch, seq_len // window, window, *x.shape[2:]) for x in (q, k, v)]
-        o1, lse1, rng1 = _flash_causal(*(x.flatten(0, 1) for x in blocks), scale)
-        q2 = _flipped_rows(blocks[0], slice(1, None), slice(1, None))
-        k2, v2 = (_flipped_rows(x, slice(None, -1), slice(None, -1)) for x in blocks[1:])
-        o2, lse2, rng2 = _flash_causal(q2, k2, v2, scale)
-        out, lse = _merge_parts(o1.view_as(blocks[0]), lse1.unflatten(0, (batch, -1)), o2, lse2)
-        ctx.save_for_backward(*blocks, out, lse, *rng1, *rng2)
-        ctx.window, ctx.scale = window, scale
-        return out.view_as(q)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qb, kb, vb, out, lse, *rng = ctx.saved_tensors
-        grad_out = grad_out.reshape(out.shape)
-        dq1, dk1, dv1 = _flash_causal_backward(
-            *(x.flatten(0, 1) for x in (grad_out, qb, kb, vb, out, lse)), rng[:2], ctx.scale)
-        tail = (slice(1, None), slice(1, None))
-        dq2, dk2, dv2 = _flash_causal_backward(
-            _flipped_rows(grad_out, *tail), _flipped_rows(qb, *tail),
-            *(_flipped_rows(x, slice(None, -1), slice(None, -1)) for x in (kb, vb)),
-            _flipped_rows(out, *tail),
-            lse[:, 1:].flip(-1)[..., 1:].flatten(0, 1).contiguous(), rng[2:], ctx.scale)
-        grads = _add_parts(*(x.view_as(y) for x, y in zip((dq1, dk1, dv1), (qb, kb, vb))),
-                           dq2, dk2, dv2)
-        return (*(g.flatten(1, 2) for g in grads), None, None)
-
-
-def flash_window_attention(q, k, v, window: int, scale: float):
-    """q [b, heads, s, d], k/v [b, groups, s, d] -> [b, heads, s, d]: each query attends to itself
-    and the window - 1 keys before it, on torch's FlashAttention-2 kernels (CUDA, bf16 / fp16).
-    Fastest when the storage is [b, s, heads, d] (`FlashSlidingWindowAttention.tokens_major`)."""
-    if not (q.is_cuda and flash_supports(q.shape[-1], q.dtype)):
-        raise ValueError(f"the flash sliding-window attention needs CUDA bf16/fp16 heads of at most "
-                         f"256 (a multiple of 8), got {q.dtype} heads of {q.shape[-1]} on {q.device}; "
-                         f"use swa_attention_impl='flex' or 'sdpa'")
-    return _banded_attention(q, k, v, window, scale)
-
-
-def _banded_attention(q, k, v, window: int, scale: float):
-    """flash_window_attention without its input checks."""
-    seq_len = q.shape[2]
-    # Zero rows after the end make whole blocks: they are keys of no real query (causal).
-    pad = -seq_len % window
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if pad:
-        q, k, v = (F.pad(x, [0, 0, 0, 0, 0, pad]) for x in (q, k, v))
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    out = _BandedFlashFunction.apply(q, k, v, window, scale)
-    return out[:, :seq_len].transpose(1, 2)
-
-
-class FlashSlidingWindowAttention(SlidingWindowCoreAttention):
-    """Sliding-window attention from causal FlashAttention-2 calls (`_BandedFlashFunction`): the
-    work is about twice the band's, at the flash kernel's FLOP rate. CUDA, bf16 / fp16 only; no
-    attention dropout (the paper's SWA layers have none)."""
-
-    supports_dropout = False
-    tokens_major = True
-
-    def _windowed(self, q, k, v, dropout):
-        return flash_window_attention(q, k, v, self.window, self.softmax_scale)
-
-
 class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
     """Sliding-window attention with torch FlexAttention: a block-sparse kernel that visits only the
     key blocks of each query block's window (compiled with torch.compile on a GPU; eager elsewhere,
@@ -415,11 +260,7 @@ def swa_core_attention(config) -> type:
         if config.transformer_impl == "transformer_engine":
             impl = "te"
         elif torch.cuda.is_available():
-            dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else config.params_dtype
-            if flash_supports(config.kv_channels, dtype):
-                impl = "flash"
-            else:
-                impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
+            impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
         else:
             impl = "local"
     if impl not in SWA_ATTENTION_IMPLS:
@@ -428,5 +269,5 @@ def swa_core_attention(config) -> type:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         return TEDotProductAttention
-    return {"flash": FlashSlidingWindowAttention, "flex": FlexSlidingWindowAttention,
-            "sdpa": BlockedSlidingWindowAttention, "local": DotProductAttention}[impl]
+    return {"flex": FlexSlidingWindowAttention, "sdpa": BlockedSlidingWindowAttention,
+            "local": DotProductAttention}[impl]

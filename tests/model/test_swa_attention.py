@@ -1,9 +1,8 @@
 """The SWA core attentions (FlexAttention, blocked SDPA) against a dense fp64 attention computed
 here: windows that do and do not divide the sequence, cross FlexAttention's 128-token blocks, or
 cover the whole sequence (full causal attention: one SDPA call, no T x T tensor). GPU (marked):
-the windowed flash kernels and compiled FlexAttention in bf16 against blocked SDPA and the fp64
-reference, the full causal path on the flash kernel, no recompilation across steps, and the hybrid
-model with each implementation.
+compiled FlexAttention in bf16 against blocked SDPA, the full causal path on the flash kernel, no
+recompilation across steps, and the hybrid model with each implementation.
 (Model-level CPU checks against Megatron's local attention: test_gdn2_layers.py.)"""
 import contextlib
 
@@ -84,58 +83,6 @@ def test_core_attention_matches_dense_reference(impl, seq_len, window):
         assert _rel(grad, leaf.grad) < 1e-5
 
 
-def _dense_causal(q, k, v, scale):
-    """What the flash forward returns, densely: q [b, s, heads, d], k/v [b, s, groups, d] ->
-    (out, lse [b, heads, s], rng state)."""
-    group = q.shape[2] // k.shape[2]
-    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
-    scores = torch.einsum("bshd,bthd->bhst", q, k) * scale
-    scores = scores.masked_fill(~torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(), float("-inf"))
-    lse = scores.logsumexp(-1)
-    return torch.einsum("bhst,bthd->bshd", (scores - lse[..., None]).exp(), v), lse, (None, None)
-
-
-def _dense_causal_backward(grad_out, q, k, v, out, lse, rng, scale):
-    """The flash backward's gradients, densely, from the given output and log-sum-exp."""
-    group = q.shape[2] // k.shape[2]
-    k_rep, v_rep = (x.repeat_interleave(group, dim=2) for x in (k, v))
-    scores = torch.einsum("bshd,bthd->bhst", q, k_rep) * scale
-    causal = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
-    probs = (scores - lse[..., None]).exp().masked_fill(~causal, 0)
-    d_scores = probs * (torch.einsum("bshd,bthd->bhst", grad_out, v_rep)
-                        - (grad_out * out).sum(-1).transpose(1, 2)[..., None])
-    per_group = lambda x: x.unflatten(2, (k.shape[2], group)).sum(3)  # noqa: E731
-    return (torch.einsum("bhst,bthd->bshd", d_scores, k_rep) * scale,
-            per_group(torch.einsum("bhst,bshd->bthd", d_scores, q) * scale),
-            per_group(torch.einsum("bhst,bshd->bthd", probs, grad_out)))
-
-
-@pytest.mark.parametrize("seq_len, window, heads, groups", [(40, 8, 4, 2), (37, 10, 4, 4), (64, 16, 2, 1),
-                                                           (33, 16, 4, 2), (9, 8, 2, 2)])
-def test_banded_flash_decomposition(monkeypatch, seq_len, window, heads, groups):
-    """The flash implementation's decomposition of the window into causal calls (row flips, the
-    log-sum-exp merge, the backward's parts, padding to whole blocks) against the dense fp64
-    reference, on CPU with the flash kernels' forward and backward computed densely in their
-    place. The kernels themselves are checked on the GPU (test_windowed_flash_... below)."""
-    from megatron_gdn2.layers import swa
-
-    monkeypatch.setattr(swa, "_flash_causal", _dense_causal)
-    monkeypatch.setattr(swa, "_flash_causal_backward", _dense_causal_backward)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(seq_len, BATCH, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-               for n in (heads, groups, groups))
-    out_grad = torch.randn(seq_len, BATCH, heads * 8, generator=gen, dtype=torch.float64)
-    expected = reference_swa(q, k, v, window, 0.3)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), out_grad)
-    out = swa._banded_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), window, 0.3)
-    out = out.permute(2, 0, 1, 3).flatten(2)
-    grads = torch.autograd.grad(out, (q, k, v), out_grad)
-    # the merge computes in fp32 (its inputs are bf16 in training)
-    assert _rel(out, expected) < 1e-6
-    for grad, ref in zip(grads, expected_grads):
-        assert _rel(grad, ref) < 1e-6
-
-
 @pytest.mark.parametrize("seq_len, window", [(1000, 257), (1024, 256), (640, 128), (300, 130), (129, 1)])
 def test_block_mask_matches_torch_construction(seq_len, window):
     """The block mask built from the window's block structure equals create_block_mask's evaluation
@@ -184,19 +131,9 @@ def test_no_seq_by_seq_tensor(impl, window):
     assert not square, square
 
 
-@pytest.mark.parametrize("impl", ["flex", "flash"])
-def test_rejects_attention_dropout(impl):
-    name = f"{impl.capitalize()}SlidingWindowAttention"
-    with pytest.raises(ValueError, match=f"{name} has no attention dropout"):
-        _core(impl, 32, 8, attention_dropout=0.1)
-
-
-def test_flash_refuses_inputs_it_cannot_run():
-    """The flash kernels take CUDA bf16/fp16 only: fp32 (or CPU) inputs get an error that names the
-    option to use instead, not a failure inside torch."""
-    core = _core("flash", 40, 8)
-    with pytest.raises(ValueError, match="swa_attention_impl='flex' or 'sdpa'"):
-        core(*_inputs(core, 40), None)
+def test_flex_rejects_attention_dropout():
+    with pytest.raises(ValueError, match="FlexSlidingWindowAttention has no attention dropout"):
+        _core("flex", 32, 8, attention_dropout=0.1)
 
 
 def test_default_implementation():
@@ -206,23 +143,19 @@ def test_default_implementation():
     from megatron_gdn2.layers.swa import (
         FLEX_MIN_HEAD_DIM,
         BlockedSlidingWindowAttention,
-        FlashSlidingWindowAttention,
         FlexSlidingWindowAttention,
         swa_core_attention,
     )
     from megatron_gdn2.models import make_transformer_config
 
-    for name, bf16 in (("swa_gdn2_tiny", False), ("swa_gdn2_1.3B", False), ("swa_gdn2_1.3B", True)):
-        config = make_transformer_config(get_model_config(name), bf16=bf16,
-                                         params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    for name in ("swa_gdn2_tiny", "swa_gdn2_1.3B"):
+        config = make_transformer_config(get_model_config(name))
         if config.transformer_impl == "transformer_engine":
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
             expected = TEDotProductAttention
         elif not torch.cuda.is_available():
             expected = DotProductAttention
-        elif bf16:
-            expected = FlashSlidingWindowAttention
         elif config.kv_channels >= FLEX_MIN_HEAD_DIM:
             expected = FlexSlidingWindowAttention
         else:
@@ -257,20 +190,6 @@ def _core_gpu_checks(out):
     blocked_result = _forward_backward(blocked, inputs, out_grad)
     out["flex_vs_blocked"] = [_rel(a, b) for a, b in zip([flex_result[0], *flex_result[1]],
                                                           [blocked_result[0], *blocked_result[1]])]
-    # The windowed flash kernels against blocked SDPA (both bf16) and the fp64 reference, at a
-    # window that is not a multiple of the kernel's tiles, and at one that is (the model's case).
-    for flash_window in (window, 256):
-        flash = _forward_backward(_core("flash", seq_len, flash_window, shape), inputs, out_grad)
-        blocked_w = _forward_backward(_core("sdpa", seq_len, flash_window, shape), inputs, out_grad)
-        leaves = [x.detach().double().requires_grad_() for x in inputs]
-        expected = reference_swa(*leaves, flash_window, 64 ** -0.5)
-        expected.backward(out_grad.double())
-        out[f"flash_{flash_window}_vs_blocked"] = [
-            _rel(a, b) for a, b in zip([flash[0], *flash[1]], [blocked_w[0], *blocked_w[1]])]
-        out[f"flash_{flash_window}_vs_reference"] = [
-            _rel(a, b) for a, b in zip([flash[0], *flash[1]], [expected, *(x.grad for x in leaves)])]
-        out[f"blocked_{flash_window}_vs_reference"] = [
-            _rel(a, b) for a, b in zip([blocked_w[0], *blocked_w[1]], [expected, *(x.grad for x in leaves)])]
     out["block_mask_builds"] = sliding_window_block_mask.cache_info().misses
 
     # Full causal attention, on the flash kernel only (it fails if flash cannot run it), against the
@@ -291,9 +210,9 @@ def _core_gpu_checks(out):
 
 
 def _model_gpu_checks(out):
-    """The hybrid model in bf16, windowed flash and Flex vs blocked SDPA core attention (same
-    weights), each against the same model in fp32 (blocked SDPA); three training steps with Flex add
-    no compiled graph after the first."""
+    """The hybrid model in bf16, Flex vs blocked SDPA core attention (same weights), each against
+    the same model in fp32 (blocked SDPA); three training steps with Flex add no compiled graph
+    after the first."""
     import torch.nn.functional as F
 
     from megatron_gdn2.configs import ModelConfig
@@ -305,7 +224,7 @@ def _model_gpu_checks(out):
     tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1),
                            generator=torch.Generator().manual_seed(0)).cuda()
     state, results = None, {}
-    for impl in ("sdpa", "flex", "flash", "fp32"):
+    for impl in ("sdpa", "flex", "fp32"):
         dtype = torch.float32 if impl == "fp32" else torch.bfloat16
         config = make_transformer_config(model_cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                          swa_attention_impl="sdpa" if impl == "fp32" else impl,
@@ -323,13 +242,12 @@ def _model_gpu_checks(out):
             graphs.append(_graphs())
         results[impl] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
     out["model_graphs_after_step"] = graphs
-    loss_sdpa, grads_sdpa = results["sdpa"]
-    for impl in ("flex", "flash"):
-        out[f"model_loss_diff_{impl}"] = abs(results[impl][0] - loss_sdpa)
-        out[f"model_grad_rel_diff_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_sdpa.items())
+    (loss_sdpa, grads_sdpa), (loss_flex, grads_flex) = results["sdpa"], results["flex"]
+    out["model_loss_diff"] = abs(loss_flex - loss_sdpa)
+    out["model_grad_rel_diff"] = max(_rel(grads_flex[n], g) for n, g in grads_sdpa.items())
     # the bf16 noise of this model: each bf16 run's worst per-parameter gradient error against fp32
     grads_fp32 = results["fp32"][1]
-    for impl in ("sdpa", "flex", "flash"):
+    for impl in ("sdpa", "flex"):
         out[f"model_grad_err_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_fp32.items())
 
 
@@ -356,16 +274,6 @@ def test_compiled_flex_matches_blocked_sdpa_bf16(gpu_checks):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window", [200, 256])
-def test_windowed_flash_matches_blocked_sdpa_and_reference_bf16(gpu_checks, window):
-    """bf16 against bf16 blocked SDPA within 1e-2, and against fp64 within 2e-2 and no further off
-    than blocked SDPA is (plus 5e-3): a wrong window edge would put the error at order 1."""
-    assert max(gpu_checks[f"flash_{window}_vs_blocked"]) < 1e-2, gpu_checks
-    ours, blocked = gpu_checks[f"flash_{window}_vs_reference"], gpu_checks[f"blocked_{window}_vs_reference"]
-    assert max(ours) < 2e-2 and all(a < b + 5e-3 for a, b in zip(ours, blocked)), gpu_checks
-
-
-@pytest.mark.gpu
 def test_full_causal_runs_flash_and_matches(gpu_checks):
     assert max(gpu_checks["full_vs_blocked_tile"]) < 1e-2, gpu_checks["full_vs_blocked_tile"]
     assert max(gpu_checks["full_vs_reference"]) < 2e-2, gpu_checks["full_vs_reference"]
@@ -382,12 +290,11 @@ def test_flex_compiles_once(gpu_checks):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["flex", "flash"])
-def test_hybrid_model_matches_blocked_sdpa_bf16(gpu_checks, impl):
-    """Flex or windowed flash against blocked SDPA, all bf16: the loss within 1e-2, and the
-    gradients as close to the fp32 model's as SDPA's are (two bf16 runs differ by up to ~0.05
-    relative in some parameter, run 11 of RESULTS_gpu_tests.md, which is the bf16 noise of this
-    model, not a bound on the attention)."""
-    assert gpu_checks[f"model_loss_diff_{impl}"] < 1e-2, gpu_checks
-    err_sdpa, err = gpu_checks["model_grad_err_sdpa"], gpu_checks[f"model_grad_err_{impl}"]
-    assert err_sdpa < 0.1 and err < 1.5 * err_sdpa + 5e-3, gpu_checks
+def test_hybrid_model_flex_matches_blocked_sdpa_bf16(gpu_checks):
+    """Flex against blocked SDPA, both bf16: the loss within 1e-2, and Flex's gradients as close to
+    the fp32 model's as SDPA's are (the two bf16 runs differ by up to ~0.05 relative in some
+    parameter, run 11 of RESULTS_gpu_tests.md, which is the bf16 noise of this model, not a bound
+    on the attention)."""
+    assert gpu_checks["model_loss_diff"] < 1e-2, gpu_checks
+    err_sdpa, err_flex = gpu_checks["model_grad_err_sdpa"], gpu_checks["model_grad_err_flex"]
+    assert err_sdpa < 0.1 and err_flex < 1.5 * err_sdpa + 5e-3, gpu_checks
