@@ -9,6 +9,7 @@
 #   sweep    bench_gdn2.py --sweep "$SWEEP" at $SWEEP_SHAPE (launch-configuration variants, ours only)
 #   sweep:S  the same at shape S (e.g. sweep:1x16384), with the variants of $SWEEP_S if it is set
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
+#   rotary   bench_rotary_split.py (the SWA split with RoPE: Triton beside torch.compile)
 #   ce       bench_cross_entropy.py (the loss beside Megatron's fused and unfused cross entropy)
 #   swa      bench_swa.py ${SWA_ARGS} (the windowed flash kernels and FlexAttention options for the
 #            SWA layers, causal flash SDPA beside)
@@ -85,6 +86,9 @@ for step in "${@:-all}"; do
         status=$((status | PIPESTATUS[0])) ;;
     mixer)
         python3 benchmarks/bench_mixer_inputs.py 2>&1 | tee "$OUT/bench_mixer_inputs.log" | tail -8
+        status=$((status | PIPESTATUS[0])) ;;
+    rotary)
+        python3 benchmarks/bench_rotary_split.py 2>&1 | tee "$OUT/bench_rotary_split.log" | tail -8
         status=$((status | PIPESTATUS[0])) ;;
     ce)
         python3 benchmarks/bench_cross_entropy.py 2>&1 | tee "$OUT/bench_cross_entropy.log" | tail -12

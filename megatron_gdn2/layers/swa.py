@@ -26,6 +26,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from gdn2_kernels.rotary_split import split_rotary
+from gdn2_kernels.rotary_split.naive import rotary_heads_first as naive_rotary_heads_first
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -102,40 +104,25 @@ class SlidingWindowCoreAttention(MegatronModule):
         raise NotImplementedError
 
 
-def _rotary_heads_first(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Megatron's non-interleaved form: x cos + rotate_half(x) sin, rotate_half
-    (x1, x2) = (-x2, x1)) of x [s, b, heads, d] with freqs [s, 1, 1, d], returned as [b, heads, s, d]
-    contiguous in x's dtype (fp32 arithmetic)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    y = xf * freqs.cos() + torch.cat((-x2, x1), dim=-1) * freqs.sin()
-    return y.permute(1, 2, 0, 3).contiguous().to(x.dtype)
-
-
 # one fused pass on a GPU where Megatron's unfused version (Transformer Engine holds the fused one)
 # makes two concatenations and four products
-rotary_heads_first = compiled_on_gpu(_rotary_heads_first)
+rotary_heads_first = compiled_on_gpu(naive_rotary_heads_first)
 
 
-@compiled_on_gpu
 def split_rotary_heads_first(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
                              heads_per_group: int):
     """Megatron's fused projection output [s, b, groups, (heads_per_group + 2) * d] -> query with
-    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d]. One function
-    so that its backward writes the projection's gradient in one pass: after Megatron's split it
-    is a concatenation of three strided gradients (4.4 ms of a 4K x 4 step of swa_gdn2_1.3B,
-    RESULTS.md run 11)."""
-    s, b, groups, width = mixed.shape
-    parts = mixed.view(s, b, groups, heads_per_group + 2, width // (heads_per_group + 2))
-    query = parts[:, :, :, :heads_per_group].reshape(s, b, groups * heads_per_group, -1)
-    return (_rotary_heads_first(query, q_freqs), _rotary_heads_first(parts[:, :, :, -2], k_freqs),
-            parts[:, :, :, -1].permute(1, 2, 0, 3).contiguous())
+    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d]: one Triton
+    kernel each way on a GPU (gdn2_kernels.rotary_split), so that the backward writes the
+    projection's gradient in one pass; after Megatron's split it is a concatenation of three
+    strided gradients (4.4 ms of a 4K x 4 step of swa_gdn2_1.3B, RESULTS.md run 11)."""
+    return split_rotary(mixed, q_freqs, k_freqs, heads_per_group)
 
 
 class RotaryInCoreSelfAttention(SelfAttention):
     """Megatron's SelfAttention with the rotary embedding taken out of Megatron's hands: applied with
-    the query/key/value split and the core attention's heads-first layout in one compiled function
-    of the projection's output (`split_rotary_heads_first`), or, where Megatron's own split is
+    the query/key/value split and the core attention's heads-first layout in one pass over the
+    projection's output (`split_rotary_heads_first`), or, where Megatron's own split is
     needed (query/key norms, an output gate, more TP ranks than key/value heads), by the core
     attention (SlidingWindowCoreAttention) fused with its layout change."""
 
