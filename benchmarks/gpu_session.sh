@@ -11,8 +11,7 @@
 #   mixer    bench_mixer_inputs.py (the fused Triton input stage beside the compiled PyTorch one)
 #   rotary   bench_rotary_split.py (the SWA split with RoPE: Triton beside torch.compile)
 #   ce       bench_cross_entropy.py (the loss beside Megatron's fused and unfused cross entropy)
-#   swa      bench_swa.py ${SWA_ARGS} (the windowed flash kernels and FlexAttention options for the
-#            SWA layers, causal flash SDPA beside)
+#   swa      bench_swa.py ${SWA_ARGS} (FlexAttention options for the SWA layers, flash SDPA beside)
 #   train    train_throughput.py ${TRAIN_ARGS}     profile  train_throughput.py --profile
 #   train:X  train_throughput.py ${TRAIN_ARGS_X} into train_throughput_X.log (variants side by side)
 #   multi    multi_gpu.py all (every GPU of the machine; NCCL_NVLS_ENABLE=0)
