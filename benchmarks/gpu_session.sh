@@ -99,19 +99,19 @@ for step in "${@:-all}"; do
     profile)
         python3 benchmarks/train_throughput.py --profile 2>&1 | tee "$OUT/profile_run.log" | tail -40
         status=$((status | PIPESTATUS[0])) ;;
-    train | all)
-        # shellcheck disable=SC2086
-        python3 benchmarks/train_throughput.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_throughput.log" | tail -60
-        status=$((status | PIPESTATUS[0])) ;;&
-    train:*)
+    train | train:* | all)
+        # train:X takes ${TRAIN_ARGS_X} and writes throughput.md into its own folder (parallel lanes
+        # would overwrite one another's); train and all take ${TRAIN_ARGS}
         variant=${step#train:}
-        args_var=TRAIN_ARGS_$variant
-        # its own folder for throughput.md: parallel lanes would overwrite one another's
-        mkdir -p "$OUT/$variant"
+        if [ "$variant" = "$step" ]; then
+            args_var=TRAIN_ARGS dir=$OUT log=train_throughput.log
+        else
+            args_var=TRAIN_ARGS_$variant dir=$OUT/$variant log=train_throughput_$variant.log
+        fi
+        mkdir -p "$dir"
         # shellcheck disable=SC2086
-        OUT="$OUT/$variant" python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 \
-            | tee "$OUT/train_throughput_$variant.log" | tail -30
-        status=$((status | PIPESTATUS[0])) ;;
+        OUT="$dir" python3 benchmarks/train_throughput.py ${!args_var:-} 2>&1 | tee "$OUT/$log" | tail -60
+        status=$((status | PIPESTATUS[0])) ;;&
     sleep:*)
         # lets another lane's timed first call compile alone (Triton compiles on the host's CPUs)
         sleep "${step#sleep:}" ;;
