@@ -75,8 +75,9 @@ def _launch(mixed, q_freqs, k_freqs, q, k, v, heads_per_group, backward):
     S, B, G, width = mixed.shape
     D = width // (heads_per_group + 2)
     # cos and sin as [S, D] tables: computed in the kernel for every (token, group), they made it
-    # run at a fifth of the copy rate (run 44)
-    tables = [f(x) for x in (q_freqs, k_freqs) for f in (torch.cos, torch.sin)]
+    # run at a fifth of the copy rate (run 44). Self-attention gives queries and keys one tensor.
+    tables = [torch.cos(q_freqs), torch.sin(q_freqs)]
+    tables += tables if k_freqs is q_freqs else [torch.cos(k_freqs), torch.sin(k_freqs)]
     split_rotary_kernel[(triton.cdiv(S, ROWS), B)](
         mixed, *tables, q, k, v, S, B,
         G=G, HPG=heads_per_group, D=D, HALF=D // 2, BH=triton.next_power_of_2(D // 2), BS=ROWS,
@@ -90,17 +91,19 @@ class SplitRotaryFunction(torch.autograd.Function):
         S, B, G, width = mixed.shape
         D = width // (heads_per_group + 2)
         mixed = mixed.contiguous()
-        q_freqs, k_freqs = (f.reshape(S, D).float().contiguous() for f in (q_freqs, k_freqs))
+        ctx.shared_freqs = k_freqs is q_freqs
+        q_freqs = q_freqs.reshape(S, D).float().contiguous()
+        k_freqs = q_freqs if ctx.shared_freqs else k_freqs.reshape(S, D).float().contiguous()
         q = mixed.new_empty(B, G * heads_per_group, S, D)
         k, v = (mixed.new_empty(B, G, S, D) for _ in range(2))
         _launch(mixed, q_freqs, k_freqs, q, k, v, heads_per_group, backward=False)
-        ctx.save_for_backward(q_freqs, k_freqs)
+        ctx.save_for_backward(*((q_freqs,) if ctx.shared_freqs else (q_freqs, k_freqs)))
         ctx.heads_per_group, ctx.shape, ctx.dtype = heads_per_group, mixed.shape, mixed.dtype
         return q, k, v
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        q_freqs, k_freqs = ctx.saved_tensors
+        q_freqs, k_freqs = ctx.saved_tensors * 2 if ctx.shared_freqs else ctx.saved_tensors
         S, B, G, width = ctx.shape
         D = width // (ctx.heads_per_group + 2)
         shapes = ((B, G * ctx.heads_per_group, S, D), (B, G, S, D), (B, G, S, D))

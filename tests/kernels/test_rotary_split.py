@@ -12,17 +12,18 @@ from gdn2_kernels.rotary_split.naive import split_rotary_torch
 from tests.kernels.gdn2_testing import rel_err
 
 
-def make_case(seq_len, batch, groups, heads_per_group, head_dim, device="cpu", seed=0):
+def make_case(seq_len, batch, groups, heads_per_group, head_dim, device="cpu", seed=0, shared=False):
     gen = torch.Generator().manual_seed(seed)
     mixed = torch.randn(seq_len, batch, groups, (heads_per_group + 2) * head_dim, generator=gen,
                         dtype=torch.float64)
-    # Megatron's angles: position x inverse frequency, the same for both halves of a head; the keys
-    # get other angles so that a query/key mix-up shows
+    # Megatron's angles: position x inverse frequency, the same for both halves of a head; unless
+    # `shared` (one tensor for both, as self-attention passes them) the keys get other angles so
+    # that a query/key mix-up shows
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq
-    q_freqs = torch.cat((angles, angles), -1)[:, None, None, :]
-    k_freqs = q_freqs * 0.5 + 0.3
-    return mixed.to(device), q_freqs.float().to(device), k_freqs.float().to(device)
+    q_freqs = torch.cat((angles, angles), -1)[:, None, None, :].float().to(device)
+    k_freqs = q_freqs if shared else q_freqs * 0.5 + 0.3
+    return mixed.to(device), q_freqs, k_freqs
 
 
 def run(mixed, q_freqs, k_freqs, heads_per_group, dtype, grads_out, backend):
@@ -32,8 +33,9 @@ def run(mixed, q_freqs, k_freqs, heads_per_group, dtype, grads_out, backend):
     return [o.detach() for o in outs], leaf.grad
 
 
-def check(seq_len, batch, groups, heads_per_group, head_dim, dtype, device, tol):
-    mixed, q_freqs, k_freqs = make_case(seq_len, batch, groups, heads_per_group, head_dim, device)
+def check(seq_len, batch, groups, heads_per_group, head_dim, dtype, device, tol, shared=False):
+    mixed, q_freqs, k_freqs = make_case(seq_len, batch, groups, heads_per_group, head_dim, device,
+                                        shared=shared)
     mixed = mixed.to(dtype).double()  # the reference sees the same rounded input
     shapes = [o.shape for o in split_rotary_torch(mixed, q_freqs, k_freqs, heads_per_group)]
     gen = torch.Generator().manual_seed(1)
@@ -47,13 +49,14 @@ def check(seq_len, batch, groups, heads_per_group, head_dim, dtype, device, tol)
         assert math.isfinite(err) and err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} ({errors})"
 
 
-@pytest.mark.parametrize("seq_len, batch, groups, heads_per_group, head_dim", [
-    (37, 2, 3, 1, 16),   # one head per group (the 1.3B hybrid's case), a partial row block
-    (20, 1, 2, 2, 24),   # grouped-query heads; half a head (12) is not a power of two
-    (64, 3, 1, 3, 8),    # three query heads per group, two whole row blocks
+@pytest.mark.parametrize("seq_len, batch, groups, heads_per_group, head_dim, shared", [
+    (37, 2, 3, 1, 16, False),  # one head per group (the 1.3B hybrid's case), a partial row block
+    (37, 2, 3, 1, 16, True),   # the same with one angle tensor for queries and keys
+    (20, 1, 2, 2, 24, False),  # grouped-query heads; half a head (12) is not a power of two
+    (64, 3, 1, 3, 8, False),   # three query heads per group, two whole row blocks
 ])
-def test_interpreter_fp32(seq_len, batch, groups, heads_per_group, head_dim):
-    check(seq_len, batch, groups, heads_per_group, head_dim, torch.float32, "cpu", 1e-6)
+def test_interpreter_fp32(seq_len, batch, groups, heads_per_group, head_dim, shared):
+    check(seq_len, batch, groups, heads_per_group, head_dim, torch.float32, "cpu", 1e-6, shared=shared)
 
 
 def test_keeps_only_the_angles_for_the_backward():
