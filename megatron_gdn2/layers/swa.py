@@ -109,20 +109,10 @@ class SlidingWindowCoreAttention(MegatronModule):
 rotary_heads_first = compiled_on_gpu(naive_rotary_heads_first)
 
 
-def split_rotary_heads_first(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
-                             heads_per_group: int):
-    """Megatron's fused projection output [s, b, groups, (heads_per_group + 2) * d] -> query with
-    RoPE [b, heads, s, d], key with RoPE [b, groups, s, d] and value [b, groups, s, d]: one Triton
-    kernel each way on a GPU (gdn2_kernels.rotary_split), so that the backward writes the
-    projection's gradient in one pass; after Megatron's split it is a concatenation of three
-    strided gradients (4.4 ms of a 4K x 4 step of swa_gdn2_1.3B, RESULTS.md run 11)."""
-    return split_rotary(mixed, q_freqs, k_freqs, heads_per_group)
-
-
 class RotaryInCoreSelfAttention(SelfAttention):
     """Megatron's SelfAttention with the rotary embedding taken out of Megatron's hands: applied with
     the query/key/value split and the core attention's heads-first layout in one pass over the
-    projection's output (`split_rotary_heads_first`), or, where Megatron's own split is
+    projection's output (`gdn2_kernels.rotary_split`), or, where Megatron's own split is
     needed (query/key norms, an output gate, more TP ranks than key/value heads), by the core
     attention (SlidingWindowCoreAttention) fused with its layout change."""
 
@@ -148,9 +138,11 @@ class RotaryInCoreSelfAttention(SelfAttention):
         mixed, _ = self.linear_qkv(hidden_states)
         groups = self.num_query_groups_per_partition
         q_freqs, k_freqs = rotary if isinstance(rotary, tuple) else (rotary, rotary)
-        q, k, v = split_rotary_heads_first(
-            mixed.view(*mixed.shape[:2], groups, -1), q_freqs, k_freqs,
-            self.num_attention_heads_per_partition // groups)
+        # one pass each way, so that the backward writes the projection's gradient once: after
+        # Megatron's split it is a concatenation of three strided gradients (4.4 ms of a 4K x 4 step
+        # of swa_gdn2_1.3B, RESULTS.md run 11)
+        q, k, v = split_rotary(mixed.view(*mixed.shape[:2], groups, -1), q_freqs, k_freqs,
+                               self.num_attention_heads_per_partition // groups)
         # Megatron's [s, b, heads, d] shapes over heads-first storage: the core attention's
         # permute back to [b, heads, s, d] is a view
         return tuple(x.permute(2, 0, 1, 3) for x in (q, k, v))

@@ -250,13 +250,13 @@ def _model_path_checks(out):
 
     from megatron_gdn2.layers import swa
 
-    fused_split = swa.split_rotary_heads_first
+    fused_split = swa.split_rotary
     splits = []
-    swa.split_rotary_heads_first = lambda *args: splits.append(args[0].shape) or fused_split(*args)
+    swa.split_rotary = lambda *args: splits.append(args[0].shape) or fused_split(*args)
     try:
         _windowed_model_checks(out)
     finally:
-        swa.split_rotary_heads_first = fused_split
+        swa.split_rotary = fused_split
     # every SWA layer's forward of the sdpa / flex models (and their recomputation) took our split
     out["fused_split_calls"] = len(splits)
 
