@@ -32,14 +32,16 @@ def parse(variant):
     return {k: int(v) for k, v in (item.split("=") for item in variant.split(","))}
 
 
+def fwd_bwd(fn, q, k, v, grad):
+    for x in (q, k, v):
+        x.grad = None
+    fn(q, k, v).backward(grad)
+
+
 def fwd_bwd_ms(fn, q, k, v, grad):
-    def step():
-        for x in (q, k, v):
-            x.grad = None
-        fn(q, k, v).backward(grad)
-    step()
-    step()
-    return do_bench(step, return_mode="median")
+    fwd_bwd(fn, q, k, v, grad)
+    fwd_bwd(fn, q, k, v, grad)
+    return do_bench(lambda: fwd_bwd(fn, q, k, v, grad), return_mode="median")
 
 
 def kernel_table(fn, q, k, v, grad, steps=5):
@@ -47,9 +49,7 @@ def kernel_table(fn, q, k, v, grad, steps=5):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            for x in (q, k, v):
-                x.grad = None
-            fn(q, k, v).backward(grad)
+            fwd_bwd(fn, q, k, v, grad)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
 
