@@ -731,6 +731,34 @@ def module_table(events, steps: int, cuda: bool) -> list[str]:
     return lines
 
 
+def idle_table(events, steps: int, rows: int = 20) -> list[str]:
+    """Where the GPU waits: the gaps between one kernel's end (the latest end so far) and the next
+    kernel's start over the profiled steps, summed per (kernel before, kernel after) pair. With
+    CPU activity recorded the profiler's own host work widens every gap (``--profile-gpu-only``)."""
+    kernels = sorted((e for e in events if is_gpu_kernel(e) and e.time_range.elapsed_us() > 0),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return []
+    pairs: dict[tuple[str, str], list[float]] = {}
+    last_end, last_name, idle = kernels[0].time_range.end, kernels[0].name, 0.0
+    for e in kernels[1:]:
+        gap = e.time_range.start - last_end
+        if gap > 0:
+            idle += gap
+            entry = pairs.setdefault((last_name[:60], e.name[:60]), [0, 0.0])
+            entry[0] += 1
+            entry[1] += gap
+        if e.time_range.end >= last_end:
+            last_end, last_name = e.time_range.end, e.name
+    span = last_end - kernels[0].time_range.start
+    lines = [f"GPU idle between the first and last kernel: {idle / 1e3 / steps:.2f} ms/step of "
+             f"{span / 1e3 / steps:.1f}", "", f"Largest idle gaps by kernel pair (top {rows}):", "",
+             "| idle ms/step | gaps/step | kernel before | kernel after |", "|---|---|---|---|"]
+    for (before, after), (count, us) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"| {us / 1e3 / steps:.3f} | {count / steps:g} | `{before}` | `{after}` |")
+    return lines
+
+
 def run_profile(args, clock: dict) -> int:
     env = environment(args, None)
     for key, value in env.items():
@@ -738,12 +766,14 @@ def run_profile(args, clock: dict) -> int:
     point, trainer = synthetic_trainer(args.profile_point, "--profile-point", args)
     for _ in range(args.warmup):
         train_step(trainer)
-    time_module_forwards(trainer.bundle.module)
     cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    gpu_only = cuda and args.profile_gpu_only
+    if not gpu_only:
+        time_module_forwards(trainer.bundle.module)
+    activities = ([] if gpu_only else [ProfilerActivity.CPU]) + ([ProfilerActivity.CUDA] if cuda else [])
     steps = args.profile_steps
     log(f"profiling {steps} steps of {point.model} {point.label}")
-    with profile(activities=activities, record_shapes=True,
+    with profile(activities=activities, record_shapes=not gpu_only,
                  schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         train_step(trainer)
         prof.step()
@@ -755,7 +785,8 @@ def run_profile(args, clock: dict) -> int:
         synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start) / steps
     events = prof.key_averages()
-    lines = [f"# Profile: {point.model} {point.label}, {steps} steps, {env['device']}", "",
+    lines = [f"# Profile: {point.model} {point.label}, {steps} steps, {env['device']}"
+             + (", GPU activity only" if gpu_only else ""), "",
              f"wall time per step (profiler on): {wall_ms:.1f} ms"]
     if cuda:
         kernels = sorted((e for e in events if is_gpu_kernel(e)),
@@ -763,21 +794,24 @@ def run_profile(args, clock: dict) -> int:
         total_us = sum(e.self_device_time_total for e in kernels)
         lines.append(f"kernel time per step: {total_us / 1e3 / steps:.1f} ms "
                      f"({100 * total_us / 1e3 / steps / wall_ms:.0f}% of the wall time)")
-        syncs = {e.key: e.count for e in events if e.key in SYNC_EVENTS}
-        lines.append("host-device syncs per step: " + (", ".join(
-            f"{k} {v / steps:g}" for k, v in sorted(syncs.items())) or "none recorded"))
+        if not gpu_only:  # the syncs are host-side events
+            syncs = {e.key: e.count for e in events if e.key in SYNC_EVENTS}
+            lines.append("host-device syncs per step: " + (", ".join(
+                f"{k} {v / steps:g}" for k, v in sorted(syncs.items())) or "none recorded"))
         lines += ["", f"Top 40 CUDA kernels by self time ({steps} steps):", "",
                   "| # | self ms/step | % of kernel time | calls/step | kernel |", "|---|---|---|---|---|"]
         lines += [f"| {i + 1} | {e.self_device_time_total / 1e3 / steps:.2f} | "
                   f"{100 * e.self_device_time_total / max(total_us, 1):.1f} | {e.count / steps:g} | "
                   f"`{e.key[:120]}` |" for i, e in enumerate(kernels[:40])]
-    lines += ["", *module_table(events, steps, cuda)]
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines += ["", f"key_averages() sorted by {sort_by}:", "",
-              events.table(sort_by=sort_by, row_limit=20, max_name_column_width=90),
-              "", "By operator and input shapes (to attribute elementwise work):", "",
-              prof.key_averages(group_by_input_shape=True).table(
-                  sort_by=sort_by, row_limit=40, max_name_column_width=40, max_shapes_column_width=110)]
+        lines += ["", *idle_table(prof.events(), steps)]
+    if not gpu_only:  # the module ranges and operators are host-side events
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        lines += ["", *module_table(events, steps, cuda),
+                  "", f"key_averages() sorted by {sort_by}:", "",
+                  events.table(sort_by=sort_by, row_limit=20, max_name_column_width=90),
+                  "", "By operator and input shapes (to attribute elementwise work):", "",
+                  prof.key_averages(group_by_input_shape=True).table(
+                      sort_by=sort_by, row_limit=40, max_name_column_width=40, max_shapes_column_width=110)]
     text = "\n".join(lines) + "\n"
     log(text)
     write_output("profile.txt", text)
@@ -816,6 +850,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="profile one point instead of the grid")
     p.add_argument("--profile-point", help=f"MODEL:SEQxBATCH (default {FULL['profile_point']})")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-gpu-only", action="store_true",
+                   help="record GPU kernels only: the idle gaps without the profiler's host overhead")
     p.add_argument("--ttfs-probe", metavar="MODEL:SEQxBATCH", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
