@@ -1,7 +1,8 @@
 """The SWA layers' core attention on one GPU at the 1.3B hybrid's shapes (18 heads of 128, window
-2048, bf16): our compiled FlexAttention with its sliding-window block mask under FlexAttention's
-kernel options, beside causal flash SDPA over the same tokens (the cost of a window that covers
-the sequence), forward+backward median times, in one process.
+2048, bf16): cuDNN's windowed attention (when the cuDNN frontend is installed) and our compiled
+FlexAttention with its sliding-window block mask under FlexAttention's kernel options, beside
+causal SDPA over the same tokens (the cost of a window that covers the sequence),
+forward+backward median times, in one process.
 
     python benchmarks/bench_swa.py [--shapes 4x4096,1x16384] [--profile]
         [--variants 'default;BLOCK_M=128,BLOCK_N=64']
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
+from megatron_gdn2.layers import cudnn_attention
 from megatron_gdn2.layers.swa import sliding_window_block_mask
 
 HEADS, HEAD_DIM, WINDOW = 18, 128, 2048
@@ -77,8 +79,11 @@ def main():
                                requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         mask = sliding_window_block_mask(seq_len, WINDOW, q.device)
-        rows = [("flash SDPA, full causal (reference)",
+        rows = [("SDPA, full causal (reference)",
                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+        if cudnn_attention.available():
+            rows.append(("cudnn, window", lambda q, k, v: cudnn_attention.cudnn_window_attention(
+                q, k, v, WINDOW, HEAD_DIM ** -0.5)))
         for variant in args.variants.split(";"):
             options = parse(variant)
             rows.append((f"flex, window: {variant}", lambda q, k, v, o=options, m=mask:

@@ -839,7 +839,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kernel-backend", help="gdn2_kernels backend (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--kernel-config", help="Triton kernels' launch config overrides on this GPU, "
                    "FIELD=VALUE,... (gdn2_kernels.gdn2.chunk.KernelConfig)")
-    p.add_argument("--swa-attention-impl", help="SWA core attention (default: the model's, flex on a GPU)")
+    p.add_argument("--swa-attention-impl",
+                   help="SWA core attention (default: the model's; on a GPU cudnn with the cuDNN "
+                        "frontend installed, else flex)")
     p.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false",
                    help="weight gradients added to main_grad in a separate pass (as gdn2-pretrain's flag)")

@@ -5,6 +5,8 @@ The SWA layer is Megatron-Core's SelfAttention (RoPE, grouped-query heads, TP an
 before it. Its core attention is chosen by `swa_core_attention(config)`:
 
     "te"     Transformer Engine's TEDotProductAttention (flash / fused kernels, packed sequences)
+    "cudnn"  CudnnSlidingWindowAttention below: cuDNN's fused attention over the window's diagonal
+             band (`cudnn_attention.py`; needs the optional nvidia-cudnn-frontend package)
     "flex"   FlexSlidingWindowAttention below: torch FlexAttention with a sliding-window block mask,
              compiled on a GPU (block-sparse: the work and memory are O(T W))
     "sdpa"   BlockedSlidingWindowAttention below: torch SDPA over query blocks, never a T x T matrix
@@ -14,10 +16,11 @@ With "flex" and "sdpa" the layer is RotaryInCoreSelfAttention: it applies the ro
 itself, fused with the query/key/value split and the core attention's [s, b] -> [b, heads, s]
 layout change.
 
-`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else "flex" on
-a GPU ("sdpa" for heads under 16 wide, which the compiled FlexAttention refuses) and "local" on
-CPU. "flex" and "sdpa" run full causal attention (a window that covers the
-sequence) as one SDPA call with `is_causal=True` and no mask, which is the flash kernel on a GPU.
+`config.swa_attention_impl = None` picks "te" when the layers use Transformer Engine, else on a GPU
+"cudnn" where the cuDNN frontend is installed and "flex" where not ("sdpa" for heads under 16 wide,
+which the compiled FlexAttention refuses), and "local" on CPU. "cudnn", "flex" and "sdpa" run full
+causal attention (a window that covers the sequence) as one SDPA call with `is_causal=True` and no
+mask, which is cuDNN's or the flash kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from megatron_gdn2.layers import cudnn_attention
 from megatron_gdn2.layers.compiled import compiled_on_gpu
 
-SWA_ATTENTION_IMPLS = ("te", "flex", "sdpa", "local")
+SWA_ATTENTION_IMPLS = ("te", "cudnn", "flex", "sdpa", "local")
 # the compiled FlexAttention kernel refuses smaller heads (tiny test models use 8)
 FLEX_MIN_HEAD_DIM = 16
 
@@ -232,6 +236,22 @@ class FlexSlidingWindowAttention(SlidingWindowCoreAttention):
                                        enable_gqa=True)
 
 
+class CudnnSlidingWindowAttention(FlexSlidingWindowAttention):
+    """Sliding-window attention on cuDNN's fused kernels (`cudnn_attention.py`): the window is
+    cuDNN's diagonal band, so only the band's tiles are computed. cuDNN takes 16-bit inputs only:
+    fp32 runs FlexAttention."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if not cudnn_attention.available():
+            cudnn_attention.raise_unavailable()
+
+    def _windowed(self, q, k, v, dropout):
+        if q.dtype not in cudnn_attention.DTYPES:
+            return super()._windowed(q, k, v, dropout)
+        return cudnn_attention.cudnn_window_attention(q, k, v, self.window, self.softmax_scale)
+
+
 def swa_core_attention(config) -> type:
     """The core-attention class for SWA layers under this config (see the module docstring)."""
     impl = config.swa_attention_impl
@@ -239,7 +259,10 @@ def swa_core_attention(config) -> type:
         if config.transformer_impl == "transformer_engine":
             impl = "te"
         elif torch.cuda.is_available():
-            impl = "flex" if config.kv_channels >= FLEX_MIN_HEAD_DIM else "sdpa"
+            if config.kv_channels < FLEX_MIN_HEAD_DIM:
+                impl = "sdpa"
+            else:
+                impl = "cudnn" if cudnn_attention.available() else "flex"
         else:
             impl = "local"
     if impl not in SWA_ATTENTION_IMPLS:
@@ -248,5 +271,5 @@ def swa_core_attention(config) -> type:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         return TEDotProductAttention
-    return {"flex": FlexSlidingWindowAttention, "sdpa": BlockedSlidingWindowAttention,
-            "local": DotProductAttention}[impl]
+    return {"cudnn": CudnnSlidingWindowAttention, "flex": FlexSlidingWindowAttention,
+            "sdpa": BlockedSlidingWindowAttention, "local": DotProductAttention}[impl]

@@ -39,7 +39,7 @@ class GDN2TransformerConfig(TransformerConfig):
     gdn2_conv_kernel: int = 4
     gdn2_allow_neg_eigval: bool = False
     gdn2_kernel_backend: str | None = None  # gdn2_kernels backend; None: triton on GPU, torch on CPU
-    swa_attention_impl: str | None = None  # "te" | "flex" | "sdpa" | "local" | None (auto)
+    swa_attention_impl: str | None = None  # "te" | "cudnn" | "flex" | "sdpa" | "local" | None (auto)
 
     def __post_init__(self):
         super().__post_init__()

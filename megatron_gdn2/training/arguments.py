@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=_count("--seq-length"), default=None)
     g.add_argument("--kernel-backend", default=None, help="GDN-2 kernel backend (default: model's)")
     g.add_argument("--swa-attention-impl", default=None,
-                   help="SWA core attention: te, flex, sdpa or local (default: te with Transformer "
-                        "Engine, else flex on a GPU)")
+                   help="SWA core attention: te, cudnn, flex, sdpa or local (default: te with Transformer "
+                        "Engine, else cudnn on a GPU with nvidia-cudnn-frontend installed, else flex)")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                    action="store_false",
                    help="add each weight gradient to the fp32 main_grad in a separate pass instead of in "

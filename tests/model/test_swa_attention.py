@@ -136,13 +136,32 @@ def test_flex_rejects_attention_dropout():
         _core("flex", 32, 8, attention_dropout=0.1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is present")
+def test_cudnn_needs_gpu_and_frontend():
+    with pytest.raises(RuntimeError, match="swa_attention_impl='cudnn' needs a CUDA GPU, `pip install "
+                                           "nvidia-cudnn-frontend`"):
+        _core("cudnn", 32, 8)
+
+
+def test_cudnn_window_attention_rejects_bad_input():
+    from megatron_gdn2.layers.cudnn_attention import cudnn_window_attention
+
+    q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q, k and v must share one of"):
+        cudnn_window_attention(q, q.float(), q, 4, 0.25)
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        cudnn_window_attention(q, q, q, 0, 0.25)
+
+
 def test_default_implementation():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_gdn2.configs import get_model_config
+    from megatron_gdn2.layers import cudnn_attention
     from megatron_gdn2.layers.swa import (
         FLEX_MIN_HEAD_DIM,
         BlockedSlidingWindowAttention,
+        CudnnSlidingWindowAttention,
         FlexSlidingWindowAttention,
         swa_core_attention,
     )
@@ -157,7 +176,8 @@ def test_default_implementation():
         elif not torch.cuda.is_available():
             expected = DotProductAttention
         elif config.kv_channels >= FLEX_MIN_HEAD_DIM:
-            expected = FlexSlidingWindowAttention
+            expected = (CudnnSlidingWindowAttention if cudnn_attention.available()
+                        else FlexSlidingWindowAttention)
         else:
             # the compiled FlexAttention kernel refuses heads under 16 wide (the tiny model's are 8)
             expected = BlockedSlidingWindowAttention
@@ -207,6 +227,37 @@ def _core_gpu_checks(out):
     full_flat = [full_result[0], *full_result[1]]
     out["full_vs_blocked_tile"] = [_rel(a, b) for a, b in zip(full_flat, [tile, *(x.grad for x in inputs)])]
     out["full_vs_reference"] = [_rel(a, b) for a, b in zip(full_flat, [expected, *(x.grad for x in leaves)])]
+    _cudnn_gpu_checks(out, shape, out_grad)
+
+
+def _cudnn_gpu_checks(out, shape, out_grad):
+    """cuDNN's windowed attention (bf16, grouped-query heads) against the dense fp64 reference:
+    windows that do and do not divide the sequence, one token, and a window past half the
+    sequence; then fp32 inputs, which the layer sends to FlexAttention."""
+    from megatron_gdn2.layers import cudnn_attention
+
+    out["cudnn_available"] = cudnn_attention.available()
+    if not out["cudnn_available"]:
+        return
+    seq_len = out_grad.shape[0]
+    out["cudnn_vs_reference"] = {}
+    for window in (200, 256, 1, 700):
+        core = _core("cudnn", seq_len, window, shape)
+        inputs = _inputs(core, seq_len, "cuda", torch.bfloat16, seed=window)
+        result, grads = _forward_backward(core, inputs, out_grad)
+        leaves = [x.detach().double().requires_grad_() for x in inputs]
+        expected = reference_swa(*leaves, window, 64 ** -0.5)
+        expected.backward(out_grad.double())
+        out["cudnn_vs_reference"][window] = [_rel(a, b) for a, b in zip(
+            [result, *grads], [expected, *(x.grad for x in leaves)])]
+    core = _core("cudnn", seq_len, 200, shape)
+    inputs = _inputs(core, seq_len, "cuda", torch.float32)
+    result, grads = _forward_backward(core, inputs, out_grad.float())
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    expected = reference_swa(*leaves, 200, 64 ** -0.5)
+    expected.backward(out_grad.double())
+    out["cudnn_fp32_vs_reference"] = [_rel(a, b) for a, b in zip(
+        [result, *grads], [expected, *(x.grad for x in leaves)])]
 
 
 def _model_gpu_checks(out):
@@ -224,7 +275,10 @@ def _model_gpu_checks(out):
     tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1),
                            generator=torch.Generator().manual_seed(0)).cuda()
     state, results = None, {}
-    for impl in ("sdpa", "flex", "fp32"):
+    from megatron_gdn2.layers import cudnn_attention
+
+    impls = ("sdpa", "flex", *(("cudnn",) if cudnn_attention.available() else ()), "fp32")
+    for impl in impls:
         dtype = torch.float32 if impl == "fp32" else torch.bfloat16
         config = make_transformer_config(model_cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                          swa_attention_impl="sdpa" if impl == "fp32" else impl,
@@ -247,8 +301,9 @@ def _model_gpu_checks(out):
     out["model_grad_rel_diff"] = max(_rel(grads_flex[n], g) for n, g in grads_sdpa.items())
     # the bf16 noise of this model: each bf16 run's worst per-parameter gradient error against fp32
     grads_fp32 = results["fp32"][1]
-    for impl in ("sdpa", "flex"):
+    for impl in impls[:-1]:
         out[f"model_grad_err_{impl}"] = max(_rel(results[impl][1][n], g) for n, g in grads_fp32.items())
+        out[f"model_loss_diff_{impl}"] = abs(results[impl][0] - results["fp32"][0])
 
 
 def gpu_swa_checks():
@@ -277,6 +332,31 @@ def test_compiled_flex_matches_blocked_sdpa_bf16(gpu_checks):
 def test_full_causal_runs_flash_and_matches(gpu_checks):
     assert max(gpu_checks["full_vs_blocked_tile"]) < 1e-2, gpu_checks["full_vs_blocked_tile"]
     assert max(gpu_checks["full_vs_reference"]) < 2e-2, gpu_checks["full_vs_reference"]
+
+
+def _need_cudnn(gpu_checks):
+    if not gpu_checks["cudnn_available"]:
+        pytest.skip("the cuDNN frontend (nvidia-cudnn-frontend) is not installed")
+
+
+@pytest.mark.gpu
+def test_cudnn_window_matches_reference(gpu_checks):
+    """bf16 against fp64: the rounding of probabilities and outputs (2e-2, as the full causal
+    flash check); fp32 inputs take FlexAttention and match to fp32 rounding."""
+    _need_cudnn(gpu_checks)
+    for window, errors in gpu_checks["cudnn_vs_reference"].items():
+        assert max(errors) < 2e-2, (window, errors)
+    assert max(gpu_checks["cudnn_fp32_vs_reference"]) < 5e-3, gpu_checks["cudnn_fp32_vs_reference"]
+
+
+@pytest.mark.gpu
+def test_hybrid_model_cudnn_matches_fp32(gpu_checks):
+    """The hybrid model with cuDNN's windowed attention in bf16: loss and gradients as close to the
+    fp32 model's as the blocked SDPA bf16 model's are."""
+    _need_cudnn(gpu_checks)
+    err_sdpa, err_cudnn = gpu_checks["model_grad_err_sdpa"], gpu_checks["model_grad_err_cudnn"]
+    assert gpu_checks["model_loss_diff_cudnn"] < 1e-2, gpu_checks
+    assert err_cudnn < 1.5 * err_sdpa + 5e-3, gpu_checks
 
 
 @pytest.mark.gpu
