@@ -37,7 +37,15 @@ def parse(variant):
 def fwd_bwd(fn, q, k, v, grad):
     for x in (q, k, v):
         x.grad = None
-    fn(q, k, v).backward(grad)
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out
+
+
+def max_errors(fn, q, k, v, grad, expected):
+    """Max |difference| / max |expected| of the output and the three input gradients."""
+    results = [fwd_bwd(fn, q, k, v, grad).detach(), q.grad, k.grad, v.grad]
+    return [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(results, expected)]
 
 
 def fwd_bwd_ms(fn, q, k, v, grad):
@@ -72,13 +80,18 @@ def main():
     profiles = []
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {HEADS} heads of "
              f"{HEAD_DIM}, window {WINDOW}, bf16, forward+backward median ms", "",
-             "| shape | core attention | fwd+bwd ms |", "|---|---|---|"]
+             "| shape | core attention | fwd+bwd ms | max error against fp32 Flex: o, dq, dk, dv |",
+             "|---|---|---|---|"]
     for shape in args.shapes.split(","):
         batch, seq_len = map(int, shape.split("x"))
         q, k, v = (torch.randn(batch, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         mask = sliding_window_block_mask(seq_len, WINDOW, q.device)
+        # the window's reference: FlexAttention in fp32 on the same inputs
+        leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        out = fwd_bwd(lambda q, k, v, m=mask: compiled(q, k, v, block_mask=m), *leaves, grad.float())
+        expected = [out.detach(), *(x.grad for x in leaves)]
         rows = [("SDPA, full causal (reference)",
                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
         if cudnn_attention.available():
@@ -89,11 +102,14 @@ def main():
             rows.append((f"flex, window: {variant}", lambda q, k, v, o=options, m=mask:
                          compiled(q, k, v, block_mask=m, kernel_options=o or None)))
         for name, fn in rows:
+            errors = "-"
             try:
                 ms = f"{fwd_bwd_ms(fn, q, k, v, grad):.3f}"
+                if "window" in name:
+                    errors = ", ".join(f"{e:.1e}" for e in max_errors(fn, q, k, v, grad, expected))
             except Exception as exc:  # a variant that does not compile must not end the run
                 ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-            lines.append(f"| {shape} | {name} | {ms} |")
+            lines.append(f"| {shape} | {name} | {ms} | {errors} |")
             print(lines[-1], flush=True)
             if args.profile and not ms.startswith("failed"):
                 profiles.append(f"## {shape}, {name}: {ms} ms\n\n{kernel_table(fn, q, k, v, grad)}\n")
