@@ -2,11 +2,12 @@
 cuDNN frontend's Python package (`pip install nvidia-cudnn-frontend`, optional; the library
 itself comes with torch).
 
-Why cuDNN: torch's SDPA already sends full causal attention to cuDNN on Hopper, and there cuDNN's
-kernels run ~1.4x the FLOP rate of the compiled FlexAttention (benchmarks/RESULTS.md, session 13);
-SDPA has no window argument, but cuDNN's own attention takes a diagonal band. With top-left
-alignment, right bound 0 and left bound W, query i sees the keys j with 0 <= i - j < W: the SWA
-layer's window.
+Why cuDNN: torch's SDPA already sends full causal attention to cuDNN on Hopper, where its kernels
+ran ~1.4x the FLOP rate of the compiled FlexAttention over the window (a 2K x 8 against a
+16K x 1 training profile, benchmarks/RESULTS.md, session 13). SDPA has no window argument, but
+cuDNN's own attention takes a diagonal band: with top-left alignment, right bound 0 and left
+bound W, query i sees the keys j with 0 <= i - j < W, the SWA layer's window. Measured on the
+1.3B hybrid's layers: 1.26-1.27x faster than FlexAttention, forward+backward.
 
 cuDNN's attention takes 16-bit inputs only. Graphs are built once per layout (shapes, strides,
 dtype, window, scale, device) and cached; each call runs on torch's current stream.
