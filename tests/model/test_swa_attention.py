@@ -29,6 +29,15 @@ def reference_swa(query, key, value, window, scale):
     return torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), value).flatten(2)
 
 
+def reference_results(inputs, out_grad, window, scale):
+    """reference_swa's output and gradients of `inputs` (each [s, b, heads, d], any dtype) for
+    `out_grad`, in fp64: [out, dquery, dkey, dvalue]."""
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    expected = reference_swa(*leaves, window, scale)
+    expected.backward(out_grad.double())
+    return [expected.detach(), *(x.grad for x in leaves)]
+
+
 def _core(impl, seq_len, window, model_fields=None, **config_fields):
     """The core-attention module of `impl` for a window, on swa_gdn2_tiny's head shapes (or those in
     `model_fields`); `config_fields` override TransformerConfig fields."""
@@ -75,12 +84,10 @@ def test_core_attention_matches_dense_reference(impl, seq_len, window):
                            generator=torch.Generator().manual_seed(1))
     with flex_backward_on_cpu() if impl == "flex" else contextlib.nullcontext():
         out, grads = _forward_backward(core, inputs, out_grad)
-    leaves = [x.detach().double().requires_grad_() for x in inputs]
-    expected = reference_swa(*leaves, window, core.config.kv_channels ** -0.5)
-    expected.backward(out_grad.double())
+    expected, *expected_grads = reference_results(inputs, out_grad, window, core.config.kv_channels ** -0.5)
     assert _rel(out, expected) < 1e-5
-    for grad, leaf in zip(grads, leaves):
-        assert _rel(grad, leaf.grad) < 1e-5
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert _rel(grad, expected_grad) < 1e-5
 
 
 @pytest.mark.parametrize("seq_len, window", [(1000, 257), (1024, 256), (640, 128), (300, 130), (129, 1)])
@@ -221,12 +228,10 @@ def _core_gpu_checks(out):
     tile = _core("sdpa", seq_len, seq_len, shape)._windowed(*(x.permute(1, 2, 0, 3) for x in inputs), 0.0)
     tile = tile.permute(2, 0, 1, 3).flatten(2)
     tile.backward(out_grad)
-    leaves = [x.detach().double().requires_grad_() for x in inputs]
-    expected = reference_swa(*leaves, seq_len, 64 ** -0.5)
-    expected.backward(out_grad.double())
+    expected = reference_results(inputs, out_grad, seq_len, 64 ** -0.5)
     full_flat = [full_result[0], *full_result[1]]
     out["full_vs_blocked_tile"] = [_rel(a, b) for a, b in zip(full_flat, [tile, *(x.grad for x in inputs)])]
-    out["full_vs_reference"] = [_rel(a, b) for a, b in zip(full_flat, [expected, *(x.grad for x in leaves)])]
+    out["full_vs_reference"] = [_rel(a, b) for a, b in zip(full_flat, expected)]
     _cudnn_gpu_checks(out, shape, out_grad)
 
 
@@ -245,21 +250,15 @@ def _cudnn_gpu_checks(out, shape, out_grad):
         core = _core("cudnn", seq_len, window, shape)
         inputs = _inputs(core, seq_len, "cuda", torch.bfloat16, seed=window)
         result, grads = _forward_backward(core, inputs, out_grad)
-        leaves = [x.detach().double().requires_grad_() for x in inputs]
-        expected = reference_swa(*leaves, window, 64 ** -0.5)
-        expected.backward(out_grad.double())
         # a one-token window gives q and k no gradient: there the error is absolute
         out["cudnn_vs_reference"][window] = [
             _rel(a, b) if b.abs().max() > 0 else a.abs().max().item()
-            for a, b in zip([result, *grads], [expected, *(x.grad for x in leaves)])]
+            for a, b in zip([result, *grads], reference_results(inputs, out_grad, window, 64 ** -0.5))]
     core = _core("cudnn", seq_len, 200, shape)
     inputs = _inputs(core, seq_len, "cuda", torch.float32)
     result, grads = _forward_backward(core, inputs, out_grad.float())
-    leaves = [x.detach().double().requires_grad_() for x in inputs]
-    expected = reference_swa(*leaves, 200, 64 ** -0.5)
-    expected.backward(out_grad.double())
     out["cudnn_fp32_vs_reference"] = [_rel(a, b) for a, b in zip(
-        [result, *grads], [expected, *(x.grad for x in leaves)])]
+        [result, *grads], reference_results(inputs, out_grad, 200, 64 ** -0.5))]
 
 
 def _model_gpu_checks(out):
