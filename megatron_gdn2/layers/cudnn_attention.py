@@ -42,22 +42,19 @@ def available() -> bool:
     return _frontend() is not None
 
 
-def raise_unavailable():
-    raise RuntimeError("swa_attention_impl='cudnn' needs a CUDA GPU, `pip install nvidia-cudnn-frontend` "
-                       f"and cuDNN >= {MIN_BACKEND_VERSION} (torch's); use 'flex' otherwise")
-
-
-def _require():
+def require():
+    """The cuDNN frontend module; an error naming what is missing where it cannot run."""
     cudnn = _frontend()
     if cudnn is None:
-        raise_unavailable()
+        raise RuntimeError("swa_attention_impl='cudnn' needs a CUDA GPU, `pip install nvidia-cudnn-frontend` "
+                           f"and cuDNN >= {MIN_BACKEND_VERSION} (torch's); use 'flex' otherwise")
     return cudnn
 
 
 @functools.cache
 def _handle(device_index: int):
     with torch.cuda.device(device_index):
-        return _require().create_handle()
+        return require().create_handle()
 
 
 Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides)
@@ -75,7 +72,7 @@ class _Plan:
         self.workspace_size = graph.get_workspace_size()
 
     def run(self, device: torch.device, **buffers: torch.Tensor) -> None:
-        cudnn = _require()
+        cudnn = require()
         handle = _handle(device.index)
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
         workspace = torch.empty(self.workspace_size, device=device, dtype=torch.uint8)
@@ -83,7 +80,7 @@ class _Plan:
 
 
 def _graph(dtype: torch.dtype, device_index: int):
-    cudnn = _require()
+    cudnn = require()
     io_type = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     graph = cudnn.pygraph(io_data_type=io_type, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=_handle(device_index))
@@ -101,7 +98,7 @@ def _outputs(tensors: dict, layouts: dict[str, Layout]) -> None:
 
 
 def _build(graph, tensors: dict) -> _Plan:
-    cudnn = _require()
+    cudnn = require()
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])

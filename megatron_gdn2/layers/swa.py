@@ -243,8 +243,7 @@ class CudnnSlidingWindowAttention(FlexSlidingWindowAttention):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        if not cudnn_attention.available():
-            cudnn_attention.raise_unavailable()
+        cudnn_attention.require()
 
     def _windowed(self, q, k, v, dropout):
         if q.dtype not in cudnn_attention.DTYPES:
